@@ -1,0 +1,135 @@
+//! Shared state, the router, the server loop and its shutdown.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::downloads::Downloads;
+use crate::index_cache::IndexCache;
+use crate::metrics::Metrics;
+use crate::sparse::PublicHosts;
+use crate::storage::FsStore;
+use crate::upstream::Upstream;
+
+/// Everything handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub hosts: Arc<PublicHosts>,
+    pub index: Arc<IndexCache>,
+    pub downloads: Arc<Downloads>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// Opens the stores (creating directories, clearing abandoned temp files) and builds the
+    /// upstream client.
+    pub fn new(config: Config) -> anyhow::Result<AppState> {
+        let crates = FsStore::open(&config.cache)
+            .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
+        let sparse_dir = config.index.join("sparse");
+        let index_store = FsStore::open(&sparse_dir)
+            .with_context(|| format!("CRATERE_INDEX={}", config.index.display()))?;
+        let upstream = Upstream::new(&config).context("building the upstream HTTP client")?;
+        let metrics = Arc::new(Metrics::new());
+        let index = Arc::new(IndexCache::new(
+            index_store,
+            upstream.clone(),
+            config.index_ttl,
+            metrics.clone(),
+        ));
+        let downloads = Arc::new(Downloads::new(
+            crates,
+            index.clone(),
+            upstream,
+            config.upstream_dl.clone(),
+            metrics.clone(),
+        ));
+        Ok(AppState {
+            hosts: Arc::new(PublicHosts::new(&config)),
+            config: Arc::new(config),
+            index,
+            downloads,
+            metrics,
+        })
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(crate::sparse::router())
+        .merge(crate::downloads::router())
+        .fallback(not_found)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn health() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.encode(),
+    )
+}
+
+async fn not_found() -> impl IntoResponse {
+    (StatusCode::NOT_FOUND, "not found\n")
+}
+
+/// Serves on an already-bound listener until `shutdown` is cancelled.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving HTTP")
+}
+
+/// The `serve` command: bind, run, stop on SIGINT or SIGTERM.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let addr = config.listen_addr();
+    let state = AppState::new(config)?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (CRATERE_LISTEN / CRATERE_PORT)"))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        public = %state.hosts.primary_url(),
+        upstream = %state.config.upstream_sparse,
+        "cratere is serving; cargo registry = \"sparse+{}/index/\"",
+        state.hosts.primary_url()
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_handler(shutdown.clone()));
+    run(listener, state, shutdown).await
+}
+
+async fn signal_handler(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    token.cancel();
+}

@@ -1,0 +1,449 @@
+//! Configuration: one clap struct, every option a flag and a `CRATERE_*` variable, parsed into
+//! typed values at startup. A bad value stops startup with a message that names the variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use url::Url;
+
+/// A caching proxy for crates.io: sparse index, crate downloads.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cratere",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of `serve` (the default command).
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy server (the default when no subcommand is given).
+    Serve(Config),
+}
+
+impl Cli {
+    /// Parses the command line and environment, exiting with a message naming the offending
+    /// variable when a value is invalid.
+    pub fn parse_or_exit() -> Cli {
+        match Cli::try_parse_from_env() {
+            Ok(cli) => cli,
+            Err(e) => e.exit(),
+        }
+    }
+
+    /// Like [`Cli::parse_or_exit`] but returns the error (used by tests).
+    pub fn try_parse_from_env() -> Result<Cli, clap::Error> {
+        Self::try_parse_args(std::env::args_os())
+    }
+
+    pub fn try_parse_args<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut cmd = Cli::command();
+        let matches = cmd
+            .try_get_matches_from_mut(args)
+            .map_err(|e| name_the_variable(&cmd, e))?;
+        Cli::from_arg_matches(&matches).map_err(|e| name_the_variable(&cmd, e))
+    }
+
+    /// The server configuration, whichever way it was given.
+    pub fn into_config(self) -> Config {
+        match self.command {
+            Some(Command::Serve(c)) => c,
+            None => self.config,
+        }
+    }
+}
+
+/// clap reports a bad value as `invalid value 'x' for '--port <PORT>'`, which does not tell an
+/// operator who set `CRATERE_PORT` in a manifest where to look. Prefix the variable's name.
+fn name_the_variable(cmd: &clap::Command, err: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        err.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return err;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return err;
+    };
+    let arg = arg.clone();
+    let all_args = cmd
+        .get_arguments()
+        .chain(cmd.get_subcommands().flat_map(|s| s.get_arguments()));
+    for a in all_args {
+        let (Some(long), Some(env)) = (a.get_long(), a.get_env()) else {
+            continue;
+        };
+        let flag = format!("--{long}");
+        if arg == flag
+            || arg.starts_with(&format!("{flag} "))
+            || arg.starts_with(&format!("{flag}="))
+        {
+            let detail = err.to_string();
+            let detail = detail.trim_start_matches("error: ").trim_end();
+            return cmd.clone().error(
+                ErrorKind::ValueValidation,
+                format!(
+                    "invalid setting {} ({flag}): {detail}",
+                    env.to_string_lossy()
+                ),
+            );
+        }
+    }
+    err
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
+
+/// A `host[:port]` authority, lowercased, as clients put it in `Host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl HostPort {
+    pub fn parse(s: &str) -> Result<HostPort, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty host".into());
+        }
+        // Parse through a URL so IPv6 literals, IDNA and invalid characters are handled by
+        // the url crate rather than by hand.
+        let url = Url::parse(&format!("http://{s}/"))
+            .map_err(|e| format!("`{s}` is not a valid host[:port]: {e}"))?;
+        if url.path() != "/"
+            || url.query().is_some()
+            || url.fragment().is_some()
+            || !url.username().is_empty()
+            || url.password().is_some()
+        {
+            return Err(format!("`{s}` is not a plain host[:port]"));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("`{s}` has no host"))?
+            .to_ascii_lowercase();
+        // url drops an explicit :80 for http; keep whatever port the operator wrote.
+        let port = match s.rsplit_once(':') {
+            Some((_, p)) if !s.ends_with(']') => Some(
+                p.parse::<u16>()
+                    .map_err(|_| format!("`{s}` has an invalid port"))?,
+            ),
+            _ => None,
+        };
+        Ok(HostPort { host, port })
+    }
+
+    /// `host[:port]` with the port left out when it is the scheme's default.
+    pub fn authority(&self, scheme: Scheme) -> String {
+        match self.port {
+            Some(p) if p != scheme.default_port() => format!("{}:{p}", self.host),
+            _ => self.host.clone(),
+        }
+    }
+}
+
+fn parse_host(s: &str) -> Result<String, String> {
+    let hp = HostPort::parse(s)?;
+    if hp.port.is_some() {
+        return Err("give the port in CRATERE_PORT, not in the host".into());
+    }
+    Ok(hp.host)
+}
+
+/// `CRATERE_ALTERNATE_HOSTS`: a JSON list of `host[:port]` strings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlternateHosts(pub Vec<HostPort>);
+
+fn parse_alternate_hosts(s: &str) -> Result<AlternateHosts, String> {
+    if s.trim().is_empty() {
+        return Ok(AlternateHosts::default());
+    }
+    let list: Vec<String> = serde_json::from_str(s)
+        .map_err(|e| format!("expected a JSON list like [\"host1:8000\", \"host2\"]: {e}"))?;
+    list.iter()
+        .map(|h| HostPort::parse(h))
+        .collect::<Result<Vec<_>, _>>()
+        .map(AlternateHosts)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("expected a duration like 30s or 5m: {e}"))
+}
+
+fn parse_base_url(s: &str) -> Result<Url, String> {
+    let mut url = Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("expected an http:// or https:// URL".into());
+    }
+    if !url.path().ends_with('/') {
+        let p = format!("{}/", url.path());
+        url.set_path(&p);
+    }
+    Ok(url)
+}
+
+fn parse_dl_template(s: &str) -> Result<String, String> {
+    let probe = s
+        .replace("{crate}", "c")
+        .replace("{version}", "1.0.0")
+        .replace("{prefix}", "p")
+        .replace("{lowerprefix}", "p")
+        .replace("{sha256-checksum}", "0");
+    parse_base_url(&probe)?;
+    Ok(s.trim_end_matches('/').to_string())
+}
+
+fn parse_nonzero(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Server configuration.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Scheme of the public URL written into config.json.
+    #[arg(long, env = "CRATERE_SCHEME", value_enum, default_value = "http")]
+    pub scheme: Scheme,
+
+    /// Host name of the public URL written into config.json.
+    #[arg(long, env = "CRATERE_HOST", default_value = "localhost", value_parser = parse_host)]
+    pub host: String,
+
+    /// Port of the public URL written into config.json (and the default port to listen on).
+    #[arg(long, env = "CRATERE_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Directory of cached crate files.
+    #[arg(long, env = "CRATERE_CACHE", default_value = "./data/crates")]
+    pub cache: PathBuf,
+
+    /// Directory of index data (cached sparse index files, git mirror).
+    #[arg(long, env = "CRATERE_INDEX", default_value = "./data/index")]
+    pub index: PathBuf,
+
+    /// Extra host names, as a JSON list of "host[:port]"; each gets a config.json that points
+    /// at itself.
+    #[arg(long, env = "CRATERE_ALTERNATE_HOSTS", default_value = "[]",
+          value_parser = parse_alternate_hosts)]
+    pub alternate_hosts: AlternateHosts,
+
+    /// Socket address to listen on [default: 0.0.0.0:$CRATERE_PORT].
+    #[arg(long, env = "CRATERE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Upstream sparse index.
+    #[arg(long, env = "CRATERE_UPSTREAM_SPARSE", default_value = "https://index.crates.io/",
+          value_parser = parse_base_url)]
+    pub upstream_sparse: Url,
+
+    /// Upstream download URL template (cargo's `dl` syntax) [default: the `dl` of upstream's
+    /// config.json].
+    #[arg(long, env = "CRATERE_UPSTREAM_DL", value_parser = parse_dl_template)]
+    pub upstream_dl: Option<String>,
+
+    /// How long a cached index file is served before it is revalidated upstream.
+    #[arg(long, env = "CRATERE_INDEX_TTL", default_value = "2m", value_parser = parse_duration)]
+    pub index_ttl: Duration,
+
+    /// Serve the git index at /crates.io-index (not implemented yet; accepted for
+    /// compatibility).
+    #[arg(long, env = "CRATERE_GIT_INDEX", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub git_index: bool,
+
+    /// Time allowed to connect to upstream.
+    #[arg(long, env = "CRATERE_UPSTREAM_CONNECT_TIMEOUT", default_value = "10s",
+          value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// Longest wait for the next bytes from upstream before the request is abandoned (below
+    /// cargo's 30 s low-speed limit, so a client gets an answer before it gives up).
+    #[arg(long, env = "CRATERE_UPSTREAM_IDLE_TIMEOUT", default_value = "20s",
+          value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
+    /// Most upstream requests in flight at once.
+    #[arg(long, env = "CRATERE_UPSTREAM_CONCURRENCY", default_value = "64",
+          value_parser = parse_nonzero)]
+    pub upstream_concurrency: usize,
+}
+
+impl Config {
+    /// Where to bind.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], self.port)))
+    }
+
+    /// The primary public host.
+    pub fn primary_host(&self) -> HostPort {
+        HostPort {
+            host: self.host.to_ascii_lowercase(),
+            port: Some(self.port),
+        }
+    }
+
+    /// A config for tests and embedding: defaults plus the given directories.
+    pub fn for_dirs(cache: PathBuf, index: PathBuf) -> Config {
+        let mut c = Cli::try_parse_args(["cratere"])
+            .expect("defaults parse")
+            .into_config();
+        c.cache = cache;
+        c.index = index;
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut v = vec!["cratere"];
+        v.extend_from_slice(args);
+        Cli::try_parse_args(v)
+            .map(Cli::into_config)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.scheme, Scheme::Http);
+        assert_eq!(c.host, "localhost");
+        assert_eq!(c.port, 8000);
+        assert_eq!(c.listen_addr().to_string(), "0.0.0.0:8000");
+        assert_eq!(c.upstream_sparse.as_str(), "https://index.crates.io/");
+        assert_eq!(c.index_ttl, Duration::from_secs(120));
+        assert_eq!(c.cache, PathBuf::from("./data/crates"));
+        assert!(c.alternate_hosts.0.is_empty());
+        assert!(!c.git_index);
+    }
+
+    #[test]
+    fn serve_subcommand_takes_the_same_options() {
+        let c = parse(&["serve", "--port", "9001", "--git-index", "true"]).unwrap();
+        assert_eq!(c.port, 9001);
+        assert!(c.git_index);
+        assert_eq!(c.listen_addr().to_string(), "0.0.0.0:9001");
+    }
+
+    #[test]
+    fn values_are_typed() {
+        let c = parse(&[
+            "--alternate-hosts",
+            r#"["Mirror.Example:8080", "other"]"#,
+            "--upstream-sparse",
+            "http://127.0.0.1:1234/idx",
+            "--index-ttl",
+            "90s",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.alternate_hosts.0,
+            vec![
+                HostPort {
+                    host: "mirror.example".into(),
+                    port: Some(8080)
+                },
+                HostPort {
+                    host: "other".into(),
+                    port: None
+                }
+            ]
+        );
+        assert_eq!(c.upstream_sparse.as_str(), "http://127.0.0.1:1234/idx/");
+        assert_eq!(c.index_ttl, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        for (args, var) in [
+            (&["--port", "abc"][..], "CRATERE_PORT"),
+            (&["--scheme", "ftp"][..], "CRATERE_SCHEME"),
+            (
+                &["--alternate-hosts", "host1"][..],
+                "CRATERE_ALTERNATE_HOSTS",
+            ),
+            (
+                &["--alternate-hosts", r#"["a/b"]"#][..],
+                "CRATERE_ALTERNATE_HOSTS",
+            ),
+            (&["--index-ttl", "soon"][..], "CRATERE_INDEX_TTL"),
+            (
+                &["--upstream-sparse", "ftp://x/"][..],
+                "CRATERE_UPSTREAM_SPARSE",
+            ),
+            (&["--host", "a b"][..], "CRATERE_HOST"),
+            (&["--git-index", "maybe"][..], "CRATERE_GIT_INDEX"),
+            (&["serve", "--listen", "nowhere"][..], "CRATERE_LISTEN"),
+            (
+                &["--upstream-concurrency", "0"][..],
+                "CRATERE_UPSTREAM_CONCURRENCY",
+            ),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(var), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn host_ports() {
+        let h = HostPort::parse("Example.COM:8000").unwrap();
+        assert_eq!(h.authority(Scheme::Http), "example.com:8000");
+        let h = HostPort::parse("example.com:80").unwrap();
+        assert_eq!(h.port, Some(80));
+        assert_eq!(h.authority(Scheme::Http), "example.com");
+        assert_eq!(h.authority(Scheme::Https), "example.com:80");
+        let h = HostPort::parse("[::1]:8000").unwrap();
+        assert_eq!(h.authority(Scheme::Http), "[::1]:8000");
+        assert!(HostPort::parse("user@host").is_err());
+        assert!(HostPort::parse("host/path").is_err());
+        assert!(HostPort::parse("host:99999").is_err());
+    }
+}

@@ -1,0 +1,472 @@
+//! Crate downloads: hits stream from the cache; a miss starts one upstream fetch per file
+//! however many clients ask. The fetch writes to a temp file while hashing; every waiting
+//! client tails that file as it grows, so bytes reach all of them as they arrive. When the
+//! body is complete and its sha256 matches the index `cksum`, the file is renamed into the
+//! cache and the last bytes are released to the clients. On truncation, checksum mismatch or
+//! an upstream error the temp file is dropped and the clients' responses are aborted, so none
+//! of them ever sees a complete-looking 200.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use axum::routing::get;
+use bytes::Bytes;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::app::AppState;
+use crate::error::AppError;
+use crate::index_cache::{IndexCache, IndexKey};
+use crate::metrics::{Kind, Metrics, Outcome};
+use crate::names::{CrateKey, CrateName, Version};
+use crate::sparse::CACHE_HEADER;
+use crate::storage::FsStore;
+use crate::upstream::{Upstream, UpstreamError, crate_url};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/crates/{crate}/{version}/download", get(download))
+}
+
+async fn download(
+    State(st): State<AppState>,
+    Path((krate, version)): Path<(String, String)>,
+) -> Result<Response, AppError> {
+    let name: CrateName = krate.parse()?;
+    let version: Version = version.parse()?;
+    let d = st.downloads.get(&name, &version).await?;
+    let outcome = if d.hit { Outcome::Hit } else { Outcome::Miss };
+    st.metrics.cache(Kind::Crate, outcome);
+    let mut resp = Response::new(d.body);
+    let h = resp.headers_mut();
+    // Never Content-Encoding: cargo would decode the body and its checksum would fail.
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/gzip"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    h.insert(
+        CACHE_HEADER,
+        HeaderValue::from_static(if d.hit { "hit" } else { "miss" }),
+    );
+    if let Some(len) = d.len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    Ok(resp)
+}
+
+/// Size of reads from a cached or in-flight file.
+const READ_CHUNK: usize = 128 * 1024;
+
+/// Progress of one upstream fetch, broadcast to the clients waiting on it.
+#[derive(Debug, Clone)]
+enum Progress {
+    /// Looking up the checksum, connecting upstream.
+    Starting,
+    /// Upstream answered; `written` bytes are in the temp file. `total` is upstream's
+    /// Content-Length, when given.
+    Streaming {
+        written: u64,
+        total: Option<u64>,
+    },
+    /// Verified and stored (or, if the store failed, verified and still readable).
+    Done {
+        len: u64,
+    },
+    /// The file turned out to be in the cache already: read it from there.
+    AlreadyCached,
+    Failed(Failure),
+}
+
+#[derive(Debug, Clone)]
+enum Failure {
+    NotFound(String),
+    Upstream(UpstreamError),
+    Checksum,
+    Internal(String),
+}
+
+impl From<Failure> for AppError {
+    fn from(f: Failure) -> AppError {
+        match f {
+            Failure::NotFound(m) => AppError::NotFound(m),
+            Failure::Upstream(e) => AppError::Upstream(e),
+            Failure::Checksum => AppError::ChecksumMismatch,
+            Failure::Internal(m) => AppError::Internal(anyhow::anyhow!(m)),
+        }
+    }
+}
+
+struct Flight {
+    state: watch::Sender<Progress>,
+    /// The temp file being written. Readers use positional reads on it, so they keep working
+    /// after it has been renamed into the cache.
+    file: Arc<std::fs::File>,
+}
+
+/// The body of a download response.
+pub struct Download {
+    pub body: Body,
+    pub len: Option<u64>,
+    /// True when served from the cache without an upstream fetch.
+    pub hit: bool,
+}
+
+pub struct Downloads {
+    store: FsStore,
+    index: Arc<IndexCache>,
+    upstream: Upstream,
+    /// `CRATERE_UPSTREAM_DL`; when unset, upstream's config.json says.
+    dl_override: Option<String>,
+    metrics: Arc<Metrics>,
+    inflight: Arc<Mutex<HashMap<CrateKey, Arc<Flight>>>>,
+}
+
+impl Downloads {
+    pub fn new(
+        store: FsStore,
+        index: Arc<IndexCache>,
+        upstream: Upstream,
+        dl_override: Option<String>,
+        metrics: Arc<Metrics>,
+    ) -> Downloads {
+        Downloads {
+            store,
+            index,
+            upstream,
+            dl_override,
+            metrics,
+            inflight: Arc::default(),
+        }
+    }
+
+    pub fn store(&self) -> &FsStore {
+        &self.store
+    }
+
+    pub async fn get(
+        self: &Arc<Self>,
+        name: &CrateName,
+        version: &Version,
+    ) -> Result<Download, AppError> {
+        let key = CrateKey::new(name, version);
+        // Two rounds: if a fetch finds the file already cached (a race with another fetch
+        // finishing), read it from the cache.
+        for _ in 0..2 {
+            if let Some((file, len)) = self.store.open_read(&key.as_relative()).await? {
+                return Ok(Download {
+                    body: file_body(file),
+                    len: Some(len),
+                    hit: true,
+                });
+            }
+            let flight = self.join_or_start(&key, name)?;
+            let mut rx = flight.state.subscribe();
+            let state = rx
+                .wait_for(|s| !matches!(s, Progress::Starting))
+                .await
+                .map_err(|_| AppError::Internal(anyhow::anyhow!("download task vanished")))?
+                .clone();
+            let total = match state {
+                Progress::Starting => unreachable!(),
+                Progress::AlreadyCached => continue,
+                Progress::Failed(f) => return Err(f.into()),
+                Progress::Streaming { total, .. } => total,
+                Progress::Done { len } => Some(len),
+            };
+            return Ok(Download {
+                body: Body::from_stream(tail(flight.file.clone(), rx, total)),
+                len: total,
+                hit: false,
+            });
+        }
+        Err(AppError::Internal(anyhow::anyhow!(
+            "crate file vanished right after it was stored"
+        )))
+    }
+
+    fn join_or_start(
+        self: &Arc<Self>,
+        key: &CrateKey,
+        requested: &CrateName,
+    ) -> Result<Arc<Flight>, AppError> {
+        let mut map = self.inflight.lock().expect("lock poisoned");
+        if let Some(f) = map.get(key) {
+            self.metrics.coalesced(Kind::Crate);
+            return Ok(f.clone());
+        }
+        let tmp = self.store.temp_file()?;
+        let file = Arc::new(tmp.as_file().try_clone()?);
+        let (state, _) = watch::channel(Progress::Starting);
+        let flight = Arc::new(Flight { state, file });
+        map.insert(key.clone(), flight.clone());
+        let this = self.clone();
+        let (k, f, requested) = (key.clone(), flight.clone(), requested.clone());
+        tokio::spawn(async move {
+            let end = this.fetch(&k, &requested, tmp, &f).await;
+            if let Err(fail) = &end {
+                tracing::warn!(krate = %k.as_relative(), error = ?fail, "download failed");
+            }
+            // Leave the map before telling the waiters, so that a retry after a failure
+            // starts a fresh fetch, and after success finds the file in the cache.
+            this.inflight.lock().expect("lock poisoned").remove(&k);
+            f.state.send_replace(match end {
+                Ok(progress) => progress,
+                Err(fail) => Progress::Failed(fail),
+            });
+        });
+        Ok(flight)
+    }
+
+    /// The whole fetch of one crate file. Returns the final state.
+    async fn fetch(
+        &self,
+        key: &CrateKey,
+        requested: &CrateName,
+        tmp: tempfile::NamedTempFile,
+        flight: &Flight,
+    ) -> Result<Progress, Failure> {
+        let rel = key.as_relative();
+        if tokio::fs::try_exists(self.store.path(&rel))
+            .await
+            .unwrap_or(false)
+        {
+            return Ok(Progress::AlreadyCached);
+        }
+        let (canonical, cksum) = self.checksum(requested, key.version()).await?;
+        let template = self.dl_template().await?;
+        let url =
+            crate_url(&template, &canonical, key.version(), &cksum).map_err(Failure::Upstream)?;
+        let mut body = self.upstream.fetch_crate(url).await.map_err(|e| match e {
+            UpstreamError::Status(404) => Failure::NotFound(format!(
+                "upstream has no file for {canonical} {}",
+                key.version()
+            )),
+            e => Failure::Upstream(e),
+        })?;
+        let total = body.len;
+        flight
+            .state
+            .send_replace(Progress::Streaming { written: 0, total });
+
+        let mut hasher = Sha256::new();
+        let mut written: u64 = 0;
+        let mut writer = tmp;
+        loop {
+            let chunk = body.chunk().await.map_err(Failure::Upstream)?;
+            let Some(chunk) = chunk else { break };
+            hasher.update(&chunk);
+            written += chunk.len() as u64;
+            if total.is_some_and(|t| written > t) {
+                return Err(Failure::Upstream(UpstreamError::Body(
+                    "longer than its Content-Length".into(),
+                )));
+            }
+            writer = write_blocking(writer, chunk).await?;
+            flight
+                .state
+                .send_replace(Progress::Streaming { written, total });
+        }
+        if total.is_some_and(|t| written != t) {
+            return Err(Failure::Upstream(UpstreamError::Body("truncated".into())));
+        }
+        let got = hex::encode(hasher.finalize());
+        if got != cksum {
+            tracing::error!(krate = %rel, expected = %cksum, got = %got, "checksum mismatch");
+            return Err(Failure::Checksum);
+        }
+        let store = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            writer.as_file().sync_data()?;
+            store.persist(writer, &rel)
+        })
+        .await;
+        match stored {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "crate verified but could not be stored"),
+            Err(e) => tracing::error!(error = %e, "store task failed"),
+        }
+        Ok(Progress::Done { len: written })
+    }
+
+    /// The canonical name and sha256 of a version, from the index (revalidated once if the
+    /// version is not in the cached copy: it may have been published since).
+    async fn checksum(
+        &self,
+        requested: &CrateName,
+        version: &Version,
+    ) -> Result<(CrateName, String), Failure> {
+        let key = IndexKey::Crate(requested.index_path());
+        for force in [false, true] {
+            let res = self.index.get(&key, force).await;
+            match res {
+                Ok(Some((entry, served))) => {
+                    if let Some(found) = find_version(&entry.body, requested, version) {
+                        return Ok(found);
+                    }
+                    if matches!(served, crate::index_cache::Served::Stale(_)) {
+                        break;
+                    }
+                }
+                Ok(None) => return Err(Failure::NotFound(format!("no crate named {requested}"))),
+                Err(e) => return Err(Failure::Upstream(e)),
+            }
+        }
+        Err(Failure::NotFound(format!(
+            "{requested} has no version {version}"
+        )))
+    }
+
+    async fn dl_template(&self) -> Result<String, Failure> {
+        if let Some(t) = &self.dl_override {
+            return Ok(t.clone());
+        }
+        let res = self.index.get(&IndexKey::Config, false).await;
+        let entry = match res {
+            Ok(Some((entry, _))) => entry,
+            Ok(None) => {
+                return Err(Failure::Upstream(UpstreamError::Config(
+                    "upstream has no config.json".into(),
+                )));
+            }
+            Err(e) => return Err(Failure::Upstream(e)),
+        };
+        #[derive(Deserialize)]
+        struct UpstreamConfig {
+            dl: String,
+        }
+        serde_json::from_slice::<UpstreamConfig>(&entry.body)
+            .map(|c| c.dl)
+            .map_err(|e| {
+                Failure::Upstream(UpstreamError::Config(format!(
+                    "upstream config.json has no usable dl: {e}"
+                )))
+            })
+    }
+}
+
+/// Finds the index line of `version` and returns the crate's canonical name and its cksum.
+/// Only the three fields needed are parsed; the line itself is never re-serialized.
+fn find_version(
+    index: &[u8],
+    requested: &CrateName,
+    version: &Version,
+) -> Option<(CrateName, String)> {
+    #[derive(Deserialize)]
+    struct Line {
+        name: String,
+        vers: String,
+        cksum: String,
+    }
+    let needle = version.as_str().as_bytes();
+    index
+        .split(|&b| b == b'\n')
+        .filter(|l| l.windows(needle.len()).any(|w| w == needle))
+        .filter_map(|l| serde_json::from_slice::<Line>(l).ok())
+        .find(|l| l.vers == version.as_str() && l.name.eq_ignore_ascii_case(requested.as_str()))
+        .and_then(|l| {
+            let name = l.name.parse().ok()?;
+            let valid = l.cksum.len() == 64 && l.cksum.bytes().all(|b| b.is_ascii_hexdigit());
+            valid.then(|| (name, l.cksum.to_ascii_lowercase()))
+        })
+}
+
+async fn write_blocking(
+    mut tmp: tempfile::NamedTempFile,
+    chunk: Bytes,
+) -> Result<tempfile::NamedTempFile, Failure> {
+    tokio::task::spawn_blocking(move || tmp.write_all(&chunk).map(|_| tmp))
+        .await
+        .map_err(|e| Failure::Internal(e.to_string()))?
+        .map_err(|e| Failure::Internal(format!("cannot write the temp file: {e}")))
+}
+
+/// Streams a whole cached file.
+pub fn file_body(file: tokio::fs::File) -> Body {
+    Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file, READ_CHUNK,
+    ))
+}
+
+/// Streams an in-flight download to one client: everything written so far, then more as it
+/// arrives. When the length is known, the final byte is held back until the file is verified,
+/// and without a length the chunked body is only terminated then; a failure aborts the stream.
+fn tail(
+    file: Arc<std::fs::File>,
+    rx: watch::Receiver<Progress>,
+    total: Option<u64>,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    futures_util::stream::unfold((file, rx, 0u64), move |(file, mut rx, pos)| async move {
+        loop {
+            if pos == u64::MAX {
+                return None; // an error was already sent
+            }
+            let state = rx.borrow_and_update().clone();
+            let (limit, done) = match state {
+                Progress::Streaming { written, .. } => {
+                    let held_back = total.map_or(written, |t| written.min(t.saturating_sub(1)));
+                    (held_back, false)
+                }
+                Progress::Done { len } => (len, true),
+                Progress::Failed(f) => {
+                    let err = std::io::Error::other(format!("download failed: {f:?}"));
+                    return Some((Err(err), (file, rx, u64::MAX)));
+                }
+                Progress::Starting | Progress::AlreadyCached => (0, false),
+            };
+            if pos < limit {
+                let n = (limit - pos).min(READ_CHUNK as u64) as usize;
+                let f = file.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; n];
+                    std::os::unix::fs::FileExt::read_exact_at(&*f, &mut buf, pos).map(|_| buf)
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+                return match read {
+                    Ok(buf) => Some((Ok(Bytes::from(buf)), (file, rx, pos + n as u64))),
+                    Err(e) => Some((Err(e), (file, rx, u64::MAX))),
+                };
+            }
+            if done {
+                return None;
+            }
+            if rx.changed().await.is_err() {
+                let err = std::io::Error::other("download task ended unexpectedly");
+                return Some((Err(err), (file, rx, u64::MAX)));
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_line_of_a_version() {
+        let index = br#"{"name":"Foo","vers":"1.0.0","deps":[],"cksum":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","features":{},"yanked":false}
+{"name": "Foo", "vers": "1.0.1", "deps": [], "cksum": "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "features": {}, "yanked": true, "rust_version": "1.70"}
+not json 1.0.2
+"#;
+        let name: CrateName = "foo".parse().unwrap();
+        let (n, c) = find_version(index, &name, &"1.0.0".parse().unwrap()).unwrap();
+        assert_eq!((n.as_str(), c.as_str()), ("Foo", &*"a".repeat(64)));
+        let (_, c) = find_version(index, &name, &"1.0.1".parse().unwrap()).unwrap();
+        assert_eq!(c, "b".repeat(64));
+        assert!(find_version(index, &name, &"1.0.2".parse().unwrap()).is_none());
+        assert!(find_version(index, &name, &"1.0.10".parse().unwrap()).is_none());
+        let other: CrateName = "bar".parse().unwrap();
+        assert!(find_version(index, &other, &"1.0.0".parse().unwrap()).is_none());
+    }
+}

@@ -1,0 +1,70 @@
+//! The one error type at the HTTP edge, with its single status mapping.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::names::NameError;
+use crate::upstream::UpstreamError;
+
+/// Everything a handler can fail with. Clients get a short plain-text reason; internals are
+/// logged, never sent.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("upstream: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("the downloaded crate did not match the checksum in the index")]
+    ChecksumMismatch,
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl From<NameError> for AppError {
+    fn from(e: NameError) -> Self {
+        AppError::BadRequest(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for AppError {
+    fn from(e: std::io::Error) -> Self {
+        AppError::Internal(e.into())
+    }
+}
+
+impl AppError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            AppError::Upstream(_) | AppError::ChecksumMismatch => StatusCode::BAD_GATEWAY,
+            AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = match &self {
+            AppError::Internal(e) => {
+                tracing::error!(error = ?e, "internal error");
+                "internal error\n".to_string()
+            }
+            AppError::Upstream(e) => {
+                tracing::warn!(error = %e, "upstream failure");
+                format!("upstream unavailable: {e}\n")
+            }
+            other => format!("{other}\n"),
+        };
+        let mut resp = (status, body).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}

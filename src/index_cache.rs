@@ -1,0 +1,272 @@
+//! The sparse index cache: upstream index files (and upstream's config.json) stored on disk
+//! with their validators, served while fresh, revalidated when stale, served stale when
+//! upstream fails.
+//!
+//! Each cached file is one disk file: a JSON header line (validators, sha256 and length of the
+//! body) followed by the body exactly as upstream sent it. Header and body are replaced
+//! together by one rename, so they always match. The file's mtime is the time it was last
+//! confirmed with upstream; a revalidation that finds it unchanged only touches the mtime.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::metrics::{Kind, Metrics};
+use crate::names::IndexPath;
+use crate::singleflight::SingleFlight;
+use crate::storage::FsStore;
+use crate::upstream::{IndexFetch, Upstream, UpstreamError, Validators};
+
+/// What the cache holds: a crate's index file or upstream's config.json.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum IndexKey {
+    Config,
+    Crate(IndexPath),
+}
+
+impl IndexKey {
+    /// Relative path upstream and in the store.
+    pub fn relative(&self) -> String {
+        match self {
+            IndexKey::Config => "config.json".to_string(),
+            IndexKey::Crate(p) => p.as_relative(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    sha256: String,
+    len: u64,
+    #[serde(flatten)]
+    validators: Validators,
+}
+
+/// A cached index file.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The bytes exactly as upstream sent them.
+    pub body: Bytes,
+    /// Hex sha256 of `body`, the strong ETag served to clients.
+    pub sha256: String,
+    pub validators: Validators,
+    /// When upstream last confirmed these bytes.
+    pub fetched: SystemTime,
+}
+
+impl Entry {
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", self.sha256)
+    }
+
+    fn age(&self) -> Duration {
+        self.fetched.elapsed().unwrap_or_default()
+    }
+}
+
+/// How the cache answered.
+#[derive(Debug, Clone)]
+pub enum Served {
+    Hit,
+    Miss,
+    Revalidated,
+    /// Upstream failed; this is the last copy it gave.
+    Stale(UpstreamError),
+}
+
+#[derive(Debug, Clone)]
+enum Refreshed {
+    Found { entry: Entry, changed: bool },
+    NotFound,
+}
+
+pub struct IndexCache {
+    store: FsStore,
+    upstream: Upstream,
+    ttl: Duration,
+    metrics: Arc<Metrics>,
+    flights: SingleFlight<IndexKey, Result<Refreshed, UpstreamError>>,
+}
+
+impl IndexCache {
+    pub fn new(
+        store: FsStore,
+        upstream: Upstream,
+        ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> IndexCache {
+        IndexCache {
+            store,
+            upstream,
+            ttl,
+            metrics,
+            flights: SingleFlight::default(),
+        }
+    }
+
+    /// Looks up an index file. `Ok(None)`: upstream says it does not exist. `Err`: upstream
+    /// failed and nothing is cached. `force` revalidates even a fresh copy.
+    pub async fn get(
+        &self,
+        key: &IndexKey,
+        force: bool,
+    ) -> Result<Option<(Entry, Served)>, UpstreamError> {
+        let cached = read_entry(&self.store, key).await;
+        if let Some(e) = &cached
+            && !force
+            && e.age() < self.ttl
+        {
+            return Ok(Some((e.clone(), Served::Hit)));
+        }
+        let (store, upstream, k) = (self.store.clone(), self.upstream.clone(), key.clone());
+        let (flight, joined) = self
+            .flights
+            .start_or_join(key.clone(), move || refresh(store, upstream, k));
+        if joined {
+            self.metrics.coalesced(Kind::Index);
+        }
+        let res = flight.await;
+        let res = res.unwrap_or_else(|| Err(UpstreamError::Body("internal task failed".into())));
+        match res {
+            Ok(Refreshed::Found { entry, changed }) => {
+                let how = if changed || cached.is_none() {
+                    Served::Miss
+                } else {
+                    Served::Revalidated
+                };
+                Ok(Some((entry, how)))
+            }
+            Ok(Refreshed::NotFound) => Ok(None),
+            Err(e) => match cached {
+                Some(c) => {
+                    tracing::warn!(key = %key.relative(), error = %e, "upstream failed; serving stale index file");
+                    Ok(Some((c, Served::Stale(e))))
+                }
+                None => Err(e),
+            },
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+async fn read_entry(store: &FsStore, key: &IndexKey) -> Option<Entry> {
+    let path = store.path(&key.relative());
+    let (data, meta) = match tokio::try_join!(tokio::fs::read(&path), tokio::fs::metadata(&path)) {
+        Ok(x) => x,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read cached index file");
+            }
+            return None;
+        }
+    };
+    let data = Bytes::from(data);
+    let parsed = data.iter().position(|&b| b == b'\n').and_then(|nl| {
+        let header: Header = serde_json::from_slice(&data[..nl]).ok()?;
+        let body = data.slice(nl + 1..);
+        (body.len() as u64 == header.len).then_some((header, body))
+    });
+    let Some((header, body)) = parsed else {
+        tracing::warn!(path = %path.display(), "ignoring a corrupt cached index file");
+        return None;
+    };
+    Some(Entry {
+        body,
+        sha256: header.sha256,
+        validators: header.validators,
+        fetched: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+    })
+}
+
+/// Writes an entry (header line + body) atomically.
+fn write_entry(store: &FsStore, key: &IndexKey, entry: &Entry) -> std::io::Result<()> {
+    use std::io::Write;
+    let header = Header {
+        sha256: entry.sha256.clone(),
+        len: entry.body.len() as u64,
+        validators: entry.validators.clone(),
+    };
+    let mut tmp = store.temp_file()?;
+    let mut line = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    tmp.write_all(&line)?;
+    tmp.write_all(&entry.body)?;
+    tmp.as_file().set_modified(entry.fetched)?;
+    store.persist(tmp, &key.relative())
+}
+
+fn touch(store: &FsStore, key: &IndexKey, when: SystemTime) -> std::io::Result<()> {
+    std::fs::File::options()
+        .write(true)
+        .open(store.path(&key.relative()))?
+        .set_modified(when)
+}
+
+async fn refresh(
+    store: FsStore,
+    upstream: Upstream,
+    key: IndexKey,
+) -> Result<Refreshed, UpstreamError> {
+    let old = read_entry(&store, &key).await;
+    let known = old
+        .as_ref()
+        .map(|e| e.validators.clone())
+        .unwrap_or_default();
+    let fetched = upstream.fetch_index(&key.relative(), &known).await?;
+    let now = SystemTime::now();
+    let store = Arc::new(store);
+    let (entry, changed) = match (fetched, old) {
+        (IndexFetch::NotFound, _) => {
+            let (s, k) = (store.clone(), key.clone());
+            run_blocking(move || s.remove(&k.relative())).await;
+            return Ok(Refreshed::NotFound);
+        }
+        (IndexFetch::NotModified, Some(old)) => (old, false),
+        (IndexFetch::NotModified, None) => {
+            // Upstream answered 304 to an unconditional request: a broken upstream.
+            return Err(UpstreamError::Status(304));
+        }
+        (IndexFetch::Modified { body, validators }, old) => {
+            let sha256 = sha256_hex(&body);
+            match old {
+                Some(old) if old.sha256 == sha256 && old.validators == validators => (old, false),
+                _ => (
+                    Entry {
+                        body,
+                        sha256,
+                        validators,
+                        fetched: now,
+                    },
+                    true,
+                ),
+            }
+        }
+    };
+    let entry = Entry {
+        fetched: now,
+        ..entry
+    };
+    let (s, k, e) = (store.clone(), key.clone(), entry.clone());
+    if changed {
+        run_blocking(move || write_entry(&s, &k, &e)).await;
+    } else {
+        run_blocking(move || touch(&s, &k, now)).await;
+    }
+    Ok(Refreshed::Found { entry, changed })
+}
+
+/// Runs a blocking store write; a failure (disk full, permissions) is logged, not fatal: the
+/// bytes are still served, just not cached.
+async fn run_blocking(f: impl FnOnce() -> std::io::Result<()> + Send + 'static) {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot update the index cache"),
+        Err(e) => tracing::error!(error = %e, "index cache write task failed"),
+    }
+}

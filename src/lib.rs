@@ -1,0 +1,27 @@
+//! Cratere: a caching proxy for crates.io.
+//!
+//! Module map:
+//! - [`config`]: every option, as a CLI flag and a `CRATERE_*` variable.
+//! - [`app`]: shared state, the router, the server loop and shutdown.
+//! - [`names`]: crate names, versions and index paths as types (the only way input becomes a
+//!   path or a key).
+//! - [`upstream`]: the one HTTP client to upstream.
+//! - [`storage`]: files on disk, written through temp files and atomic renames.
+//! - [`index_cache`]: cached index files: freshness, revalidation, stale serving.
+//! - [`sparse`]: sparse index routes and the proxy's own config.json.
+//! - [`downloads`]: the crate route: hits, coalesced streaming misses, verification.
+//! - [`singleflight`]: one computation for concurrent callers of one key.
+//! - [`metrics`]: Prometheus metrics owned by the app.
+//! - [`error`]: the HTTP-edge error type.
+
+pub mod app;
+pub mod config;
+pub mod downloads;
+pub mod error;
+pub mod index_cache;
+pub mod metrics;
+pub mod names;
+pub mod singleflight;
+pub mod sparse;
+pub mod storage;
+pub mod upstream;

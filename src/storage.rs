@@ -1,0 +1,143 @@
+//! Where bytes live on disk: a directory of files addressed by relative keys that only typed
+//! names produce, written through temp files and atomic renames.
+//!
+//! Every write goes to `<root>/.tmp/` first and is renamed into place when complete, so a reader
+//! (or a crash at any moment) sees either nothing or a whole file. Leftover temp files from a
+//! crash are removed when the store is opened.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use tempfile::NamedTempFile;
+
+/// Directory (inside the root) holding files being written.
+const TMP_DIR: &str = ".tmp";
+
+#[derive(Debug, Clone)]
+pub struct FsStore {
+    root: PathBuf,
+}
+
+impl FsStore {
+    /// Opens (creating if needed) a store rooted at `root` and clears temp files left by a
+    /// previous run.
+    pub fn open(root: &Path) -> io::Result<FsStore> {
+        let tmp = root.join(TMP_DIR);
+        std::fs::create_dir_all(&tmp).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot create {}: {e}", tmp.display()))
+        })?;
+        let root = root.canonicalize()?;
+        let store = FsStore { root };
+        store.remove_leftover_temp_files()?;
+        Ok(store)
+    }
+
+    /// Removes temp files nobody is writing. Writers hold an exclusive lock on their temp file
+    /// for as long as it is open, so a file whose lock can be taken was left by a process that
+    /// died; files of a live process sharing the directory (another server, `cratere warm`)
+    /// are left alone.
+    fn remove_leftover_temp_files(&self) -> io::Result<()> {
+        for entry in std::fs::read_dir(self.root.join(TMP_DIR))? {
+            let entry = entry?;
+            if !entry.file_type()?.is_file() {
+                continue;
+            }
+            let Ok(file) = std::fs::File::open(entry.path()) else {
+                continue;
+            };
+            if file.try_lock().is_ok() {
+                tracing::info!(path = %entry.path().display(), "removing leftover temp file");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Absolute path of a key. Keys come from [`crate::names`] types, never from raw input.
+    pub fn path(&self, key: &str) -> PathBuf {
+        debug_assert!(
+            !key.split('/')
+                .any(|s| s.is_empty() || s == "." || s == "..")
+        );
+        self.root.join(key)
+    }
+
+    /// A new temp file in the store's temp directory (same filesystem as the final place, so
+    /// the rename is atomic). Dropped without [`FsStore::persist`], it is deleted.
+    pub fn temp_file(&self) -> io::Result<NamedTempFile> {
+        let tmp = tempfile::Builder::new()
+            .prefix("w-")
+            .tempfile_in(self.root.join(TMP_DIR))?;
+        tmp.as_file().lock()?;
+        Ok(tmp)
+    }
+
+    /// Atomically moves a finished temp file to `key`, replacing any previous file.
+    pub fn persist(&self, tmp: NamedTempFile, key: &str) -> io::Result<()> {
+        let dest = self.path(key);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        tmp.persist(&dest).map_err(|e| e.error)?;
+        Ok(())
+    }
+
+    /// Removes `key` if present.
+    pub fn remove(&self, key: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.path(key)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Opens `key` for reading, `None` when absent.
+    pub async fn open_read(&self, key: &str) -> io::Result<Option<(tokio::fs::File, u64)>> {
+        match tokio::fs::File::open(self.path(key)).await {
+            Ok(f) => {
+                let len = f.metadata().await?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn writes_are_invisible_until_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let mut tmp = store.temp_file().unwrap();
+        tmp.write_all(b"hello").unwrap();
+        assert!(!store.path("se/rd/serde/x.crate").exists());
+        store.persist(tmp, "se/rd/serde/x.crate").unwrap();
+        assert_eq!(
+            std::fs::read(store.path("se/rd/serde/x.crate")).unwrap(),
+            b"hello"
+        );
+        store.remove("se/rd/serde/x.crate").unwrap();
+        store.remove("se/rd/serde/x.crate").unwrap();
+        assert!(!store.path("se/rd/serde/x.crate").exists());
+    }
+
+    #[test]
+    fn leftover_temp_files_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let live = store.temp_file().unwrap();
+        let (file, dead) = store.temp_file().unwrap().keep().unwrap();
+        drop(file); // the writer died: its lock is gone
+        FsStore::open(dir.path()).unwrap();
+        assert!(!dead.exists());
+        assert!(live.path().exists(), "a file being written is kept");
+    }
+}

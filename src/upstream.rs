@@ -1,0 +1,268 @@
+//! The one HTTP client to upstream: timeouts, User-Agent, a bound on concurrent requests,
+//! index fetches with validators and streamed crate downloads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use reqwest::StatusCode;
+use reqwest::header::{ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use url::Url;
+
+use crate::config::Config;
+use crate::names::{CrateName, Version};
+
+/// Largest index file accepted from upstream. The biggest crates.io index files are a few MB.
+pub const MAX_INDEX_FILE: usize = 64 << 20;
+
+pub const USER_AGENT: &str = concat!(
+    "cratere/",
+    env!("CARGO_PKG_VERSION"),
+    " (caching proxy for crates.io)"
+);
+
+/// How an upstream call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("timed out")]
+    Timeout,
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("answered HTTP {0}")]
+    Status(u16),
+    #[error("broken response: {0}")]
+    Body(String),
+    #[error("response larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl From<reqwest::Error> for UpstreamError {
+    fn from(e: reqwest::Error) -> Self {
+        if e.is_timeout() {
+            UpstreamError::Timeout
+        } else if e.is_connect() {
+            UpstreamError::Connect(error_chain(&e))
+        } else {
+            UpstreamError::Body(error_chain(&e))
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// HTTP validators upstream gave for an index file, replayed on revalidation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Validators {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
+}
+
+/// Result of fetching an index file.
+#[derive(Debug)]
+pub enum IndexFetch {
+    Modified { body: Bytes, validators: Validators },
+    NotModified,
+    NotFound,
+}
+
+/// A crate body being streamed from upstream. Holds an upstream slot until dropped.
+pub struct CrateBody {
+    /// Content-Length, when upstream sent one.
+    pub len: Option<u64>,
+    response: reqwest::Response,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl CrateBody {
+    /// The next chunk, `None` at the end. A truncated body (fewer bytes than Content-Length, a
+    /// missing final chunk) is an error, as is a stall longer than the idle timeout.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        Ok(self.response.chunk().await?)
+    }
+}
+
+/// The upstream client.
+#[derive(Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+    sparse: Url,
+    permits: Arc<Semaphore>,
+}
+
+impl Upstream {
+    pub fn new(config: &Config) -> anyhow::Result<Upstream> {
+        let client = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .connect_timeout(config.upstream_connect_timeout)
+            .read_timeout(config.upstream_idle_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()?;
+        Ok(Upstream {
+            client,
+            sparse: config.upstream_sparse.clone(),
+            permits: Arc::new(Semaphore::new(config.upstream_concurrency)),
+        })
+    }
+
+    async fn permit(&self) -> OwnedSemaphorePermit {
+        self.permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed")
+    }
+
+    /// Fetches `{upstream}{rel}` (an index path or `config.json`), conditionally when
+    /// validators are known.
+    pub async fn fetch_index(
+        &self,
+        rel: &str,
+        known: &Validators,
+    ) -> Result<IndexFetch, UpstreamError> {
+        let url = self
+            .sparse
+            .join(rel)
+            .map_err(|e| UpstreamError::Config(e.to_string()))?;
+        let _permit = self.permit().await;
+        let mut req = self
+            .client
+            .get(url)
+            .header("cargo-protocol", "version=1")
+            .header(reqwest::header::ACCEPT, "text/plain");
+        if let Some(etag) = &known.etag {
+            req = req.header(IF_NONE_MATCH, etag);
+        } else if let Some(lm) = &known.last_modified {
+            req = req.header(IF_MODIFIED_SINCE, lm);
+        }
+        let mut resp = req.send().await?;
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_MODIFIED if *known != Validators::default() => {
+                return Ok(IndexFetch::NotModified);
+            }
+            // cargo treats 404, 410 and 451 as "no such crate".
+            StatusCode::NOT_FOUND
+            | StatusCode::GONE
+            | StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS => {
+                return Ok(IndexFetch::NotFound);
+            }
+            s => return Err(UpstreamError::Status(s.as_u16())),
+        }
+        let header = |name| {
+            resp.headers()
+                .get(name)
+                .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let validators = Validators {
+            etag: header(ETAG),
+            last_modified: header(LAST_MODIFIED),
+        };
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_INDEX_FILE as u64)
+        {
+            return Err(UpstreamError::TooLarge(MAX_INDEX_FILE));
+        }
+        let mut body = BytesMut::new();
+        while let Some(chunk) = resp.chunk().await? {
+            if body.len() + chunk.len() > MAX_INDEX_FILE {
+                return Err(UpstreamError::TooLarge(MAX_INDEX_FILE));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(IndexFetch::Modified {
+            body: body.freeze(),
+            validators,
+        })
+    }
+
+    /// Starts a crate download; the body is read with [`CrateBody::chunk`].
+    pub async fn fetch_crate(&self, url: Url) -> Result<CrateBody, UpstreamError> {
+        let permit = self.permit().await;
+        let resp = self.client.get(url).send().await?;
+        match resp.status() {
+            StatusCode::OK => Ok(CrateBody {
+                len: resp.content_length(),
+                response: resp,
+                _permit: permit,
+            }),
+            s => Err(UpstreamError::Status(s.as_u16())),
+        }
+    }
+}
+
+/// Expands cargo's `dl` template (`{crate}`, `{version}`, `{prefix}`, `{lowerprefix}`,
+/// `{sha256-checksum}`; no marker → `/{crate}/{version}/download` appended).
+pub fn crate_url(
+    template: &str,
+    name: &CrateName,
+    version: &Version,
+    cksum: &str,
+) -> Result<Url, UpstreamError> {
+    const MARKERS: [&str; 5] = [
+        "{crate}",
+        "{version}",
+        "{prefix}",
+        "{lowerprefix}",
+        "{sha256-checksum}",
+    ];
+    let s = if MARKERS.iter().any(|m| template.contains(m)) {
+        template
+            .replace("{crate}", name.as_str())
+            .replace("{version}", version.as_str())
+            .replace("{prefix}", &name.prefix())
+            .replace("{lowerprefix}", &name.to_lowercase().prefix())
+            .replace("{sha256-checksum}", cksum)
+    } else {
+        format!(
+            "{}/{name}/{version}/download",
+            template.trim_end_matches('/')
+        )
+    };
+    Url::parse(&s).map_err(|e| UpstreamError::Config(format!("bad download URL {s}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dl_templates_expand_like_cargo() {
+        let n: CrateName = "Inflector".parse().unwrap();
+        let v: Version = "0.11.4+x".parse().unwrap();
+        assert_eq!(
+            crate_url("https://static.crates.io/crates", &n, &v, "ab")
+                .unwrap()
+                .as_str(),
+            "https://static.crates.io/crates/Inflector/0.11.4+x/download"
+        );
+        assert_eq!(
+            crate_url(
+                "https://h/{prefix}/{lowerprefix}/{crate}/{crate}-{version}.crate?c={sha256-checksum}",
+                &n,
+                &v,
+                "ab"
+            )
+            .unwrap()
+            .as_str(),
+            "https://h/In/fl/in/fl/Inflector/Inflector-0.11.4+x.crate?c=ab"
+        );
+    }
+}

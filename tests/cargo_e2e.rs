@@ -1,0 +1,212 @@
+//! End to end with the real `cargo`: crates built by `cargo package`, served by the fake
+//! upstream, fetched and built through the proxy with a fresh `CARGO_HOME`; then served again
+//! with upstream unreachable.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use bytes::Bytes;
+use common::{FakeUpstream, Proxy};
+
+fn write(path: &Path, content: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+}
+
+/// Packages `alpha 0.1.0`, `beta 0.2.0` (depends on alpha) and `Mixed_Case 1.0.0` with
+/// `cargo package`, offline.
+fn package_crates(root: &Path) -> Vec<(String, String, Bytes)> {
+    write(
+        &root.join("Cargo.toml"),
+        "[workspace]\nmembers = [\"alpha\", \"beta\", \"mixed\"]\nresolver = \"2\"\n",
+    );
+    let manifest = |name: &str, version: &str, deps: &str| {
+        format!(
+            "[package]\nname = \"{name}\"\nversion = \"{version}\"\nedition = \"2021\"\n\
+             description = \"test crate\"\nlicense = \"MIT\"\n\n[dependencies]\n{deps}"
+        )
+    };
+    write(
+        &root.join("alpha/Cargo.toml"),
+        &manifest("alpha", "0.1.0", ""),
+    );
+    write(
+        &root.join("alpha/src/lib.rs"),
+        "pub fn one() -> u32 { 1 }\n",
+    );
+    write(
+        &root.join("beta/Cargo.toml"),
+        &manifest(
+            "beta",
+            "0.2.0",
+            "alpha = { version = \"0.1\", path = \"../alpha\" }\n",
+        ),
+    );
+    write(
+        &root.join("beta/src/lib.rs"),
+        "pub fn two() -> u32 { alpha::one() + 1 }\n",
+    );
+    write(
+        &root.join("mixed/Cargo.toml"),
+        &manifest("Mixed_Case", "1.0.0", ""),
+    );
+    write(
+        &root.join("mixed/src/lib.rs"),
+        "pub fn three() -> u32 { 3 }\n",
+    );
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "package",
+            "--workspace",
+            "--no-verify",
+            "--allow-dirty",
+            "--offline",
+        ])
+        .current_dir(root)
+        .env("CARGO_HOME", root.join("cargo-home"))
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    [
+        ("alpha", "0.1.0"),
+        ("beta", "0.2.0"),
+        ("Mixed_Case", "1.0.0"),
+    ]
+    .iter()
+    .map(|(n, v)| {
+        let file = root.join(format!("target/package/{n}-{v}.crate"));
+        (
+            n.to_string(),
+            v.to_string(),
+            Bytes::from(std::fs::read(file).unwrap()),
+        )
+    })
+    .collect()
+}
+
+fn dep(name: &str, req: &str) -> String {
+    format!(
+        r#"[{{"name": "{name}", "req": "{req}", "features": [], "optional": false, "default_features": true, "target": null, "kind": "normal"}}]"#
+    )
+}
+
+/// A fresh CARGO_HOME whose crates.io source is replaced by the proxy.
+fn cargo_home(dir: &Path, proxy_url: &str) -> std::path::PathBuf {
+    let home = dir.to_path_buf();
+    write(
+        &home.join("config.toml"),
+        &format!(
+            "[source.crates-io]\nreplace-with = \"cratere\"\n\n[source.cratere]\n\
+             registry = \"sparse+{proxy_url}/index/\"\n\n[net]\nretry = 0\n"
+        ),
+    );
+    home
+}
+
+fn cargo(project: &Path, home: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(project)
+        .env("CARGO_HOME", home)
+        .env("CARGO_TARGET_DIR", project.join("target"))
+        .env_remove("CARGO_REGISTRIES_CRATES_IO_PROTOCOL")
+        .env("CARGO_HTTP_TIMEOUT", "20")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cargo_fetches_and_builds_through_the_proxy_and_again_with_upstream_down() {
+    let work = tempfile::tempdir().unwrap();
+    let crates = package_crates(&work.path().join("src-crates"));
+    let up = FakeUpstream::start().await;
+    for (name, version, bytes) in &crates {
+        let deps = if name == "beta" {
+            dep("alpha", "^0.1")
+        } else {
+            "[]".into()
+        };
+        up.publish_bytes(name, version, bytes.clone(), &deps);
+    }
+
+    let project = work.path().join("app");
+    write(
+        &project.join("Cargo.toml"),
+        "[package]\nname = \"app\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n\
+         [dependencies]\nbeta = \"0.2\"\nMixed_Case = \"1\"\n",
+    );
+    write(
+        &project.join("src/main.rs"),
+        "fn main() { println!(\"{}\", beta::two() + Mixed_Case::three()); }\n",
+    );
+
+    let data = work.path().join("proxy-data");
+    std::fs::create_dir_all(&data).unwrap();
+    let proxy = Proxy::start(&up, &data).await;
+    let home = cargo_home(&work.path().join("home1"), &proxy.url);
+    let out = tokio::task::spawn_blocking({
+        let (p, h) = (project.clone(), home.clone());
+        move || cargo(&p, &h, &["build"])
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = Command::new(project.join("target/debug/app"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "5");
+    let lock = std::fs::read_to_string(project.join("Cargo.lock")).unwrap();
+    for (name, version, bytes) in &crates {
+        assert!(
+            lock.contains(&format!("name = \"{name}\"\nversion = \"{version}\"")),
+            "{lock}"
+        );
+        assert!(
+            lock.contains(&common::sha256_hex(bytes)),
+            "{name}: checksum in Cargo.lock"
+        );
+        assert_eq!(up.crate_hits(name, version), 1, "{name}");
+    }
+    drop(proxy);
+
+    // Same directories, upstream unreachable, a cargo with an empty CARGO_HOME.
+    let mut cfg = Proxy::config("http://127.0.0.1:9/", &data);
+    cfg.index_ttl = std::time::Duration::ZERO; // force revalidation: upstream is down
+    let proxy = Proxy::start_with(cfg).await;
+    let home = cargo_home(&work.path().join("home2"), &proxy.url);
+    std::fs::remove_dir_all(project.join("target")).unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (p, h) = (project.clone(), home.clone());
+        move || cargo(&p, &h, &["build", "--locked"])
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        proxy
+            .metric("cratere_cache_requests_total{kind=\"crate\",outcome=\"hit\"}")
+            .await,
+        3.0
+    );
+    assert!(
+        proxy
+            .metric("cratere_cache_requests_total{kind=\"index\",outcome=\"stale\"}")
+            .await
+            >= 3.0
+    );
+}

@@ -1,0 +1,131 @@
+//! The binary itself: configuration errors, --help, and a real start, health check and
+//! SIGTERM shutdown.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cratere");
+
+fn clean_env(cmd: &mut Command) -> &mut Command {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CRATERE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+#[test]
+fn bad_settings_stop_startup_naming_the_variable() {
+    for (var, value) in [
+        ("CRATERE_PORT", "eighty"),
+        ("CRATERE_SCHEME", "gopher"),
+        ("CRATERE_ALTERNATE_HOSTS", "not json"),
+        ("CRATERE_INDEX_TTL", "forever"),
+        ("CRATERE_UPSTREAM_SPARSE", "not a url"),
+        ("CRATERE_LISTEN", "localhost"),
+        ("CRATERE_GIT_INDEX", "perhaps"),
+    ] {
+        let out = clean_env(&mut Command::new(BIN))
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(var), "{var}: {err}");
+    }
+}
+
+#[test]
+fn an_unusable_cache_directory_stops_startup_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let out = clean_env(&mut Command::new(BIN))
+        .env("CRATERE_CACHE", file.join("sub"))
+        .env("CRATERE_INDEX", dir.path().join("index"))
+        .env("CRATERE_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CRATERE_CACHE"));
+}
+
+#[test]
+fn help_documents_every_variable_with_its_default() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "CRATERE_SCHEME",
+        "CRATERE_HOST",
+        "CRATERE_PORT",
+        "CRATERE_CACHE",
+        "CRATERE_INDEX",
+        "CRATERE_ALTERNATE_HOSTS",
+        "CRATERE_LISTEN",
+        "CRATERE_UPSTREAM_SPARSE",
+        "CRATERE_UPSTREAM_DL",
+        "CRATERE_INDEX_TTL",
+        "CRATERE_GIT_INDEX",
+    ] {
+        assert!(
+            help.contains(&format!("env: {var}=")),
+            "{var} missing from --help"
+        );
+    }
+    assert!(help.contains("[default: 8000]"));
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("env: CRATERE_PORT="));
+}
+
+#[test]
+fn serves_without_a_subcommand_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&[][..], &["serve"][..]] {
+        let mut child = clean_env(&mut Command::new(BIN))
+            .args(args)
+            .env("CRATERE_LISTEN", "127.0.0.1:0")
+            .env("CRATERE_CACHE", dir.path().join("crates"))
+            .env("CRATERE_INDEX", dir.path().join("index"))
+            .env("CRATERE_UPSTREAM_SPARSE", "http://127.0.0.1:9/")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("server exited early").unwrap();
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        let body = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                reqwest::get(format!("http://{addr}/health"))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap()
+            })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(body.trim(), "ok");
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{args:?}: {status:?}");
+    }
+}

@@ -1,0 +1,355 @@
+//! Black-box tests of the crate download route: the real server on port 0 against a local
+//! fake upstream that counts requests and injects faults.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{FakeUpstream, Fault, Proxy, Target, body_of, sha256_hex, wait_until};
+
+const DL: &str = "/api/v1/crates";
+
+#[tokio::test]
+async fn miss_streams_and_caches_then_hits_come_from_disk() {
+    let up = FakeUpstream::start().await;
+    let bytes = up.publish("serde", "1.0.200", 300_000);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+
+    let r = proxy.get(&format!("{DL}/serde/1.0.200/download")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/gzip");
+    assert!(r.headers().get("content-encoding").is_none());
+    assert_eq!(r.headers()["x-cratere-cache"], "miss");
+    assert_eq!(r.headers()["content-length"], "300000");
+    assert_eq!(body_of(r).await.unwrap(), bytes);
+
+    let on_disk = proxy.crate_path("se/rd/serde/serde-1.0.200.crate");
+    assert_eq!(std::fs::read(&on_disk).unwrap(), bytes);
+
+    let r = proxy.get(&format!("{DL}/serde/1.0.200/download")).await;
+    assert_eq!(r.headers()["x-cratere-cache"], "hit");
+    assert_eq!(r.headers()["content-length"], "300000");
+    assert!(r.headers().get("content-encoding").is_none());
+    assert_eq!(body_of(r).await.unwrap(), bytes);
+    assert_eq!(up.crate_hits("serde", "1.0.200"), 1);
+    assert_eq!(
+        up.hits("/config.json"),
+        1,
+        "dl came from upstream's config.json"
+    );
+    let temp_left = std::fs::read_dir(dir.path().join("crates/.tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(temp_left, 0);
+}
+
+#[tokio::test]
+async fn concurrent_misses_share_one_fetch_and_get_bytes_before_it_ends() {
+    let up = FakeUpstream::start().await;
+    let bytes = up.publish("tokio", "1.40.0", 1_000_000);
+    up.set_fault(Target::Crate, Fault::Gate);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Arc::new(Proxy::start(&up, dir.path()).await);
+    const N: usize = 10;
+    let (tx, mut first_bytes) = tokio::sync::mpsc::channel(N);
+    let tasks: Vec<_> = (0..N)
+        .map(|_| {
+            let (p, tx) = (proxy.clone(), tx.clone());
+            tokio::spawn(async move {
+                let mut r = p.get(&format!("{DL}/tokio/1.40.0/download")).await;
+                assert_eq!(r.status(), 200);
+                let mut got = Vec::new();
+                let first = r.chunk().await.unwrap().unwrap();
+                got.extend_from_slice(&first);
+                tx.send(()).await.unwrap();
+                while let Some(c) = r.chunk().await.unwrap() {
+                    got.extend_from_slice(&c);
+                }
+                got
+            })
+        })
+        .collect();
+    // Upstream has sent only the first half and waits for the gate: every client receiving
+    // bytes now proves they stream while the download is still running.
+    for _ in 0..N {
+        first_bytes.recv().await.unwrap();
+    }
+    assert_eq!(up.crate_hits("tokio", "1.40.0"), 1);
+    up.release();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), bytes);
+    }
+    assert_eq!(
+        up.crate_hits("tokio", "1.40.0"),
+        1,
+        "one upstream fetch for all"
+    );
+    assert_eq!(
+        proxy
+            .metric("cratere_coalesced_requests_total{kind=\"crate\"}")
+            .await,
+        (N - 1) as f64
+    );
+    assert_eq!(
+        std::fs::read(proxy.crate_path("to/ki/tokio/tokio-1.40.0.crate")).unwrap(),
+        bytes
+    );
+}
+
+/// Faults that must never leave a file in the cache nor give a client a complete 200.
+async fn assert_fault_is_not_cached(fault: Fault) {
+    let up = FakeUpstream::start().await;
+    let bytes = up.publish("rand", "0.8.5", 200_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.upstream_idle_timeout = Duration::from_millis(500);
+    let proxy = Proxy::start_with(cfg).await;
+    up.set_fault(Target::Crate, fault.clone());
+    let r = proxy.get(&format!("{DL}/rand/0.8.5/download")).await;
+    if r.status() == 200 {
+        let body = body_of(r).await;
+        assert!(
+            body.is_err(),
+            "{fault:?}: a 200 must be cut off, got a whole body"
+        );
+    } else {
+        assert!(
+            r.status() == 502 || r.status() == 504,
+            "{fault:?}: {}",
+            r.status()
+        );
+    }
+    assert!(
+        !proxy.crate_path("ra/nd/rand/rand-0.8.5.crate").exists(),
+        "{fault:?}"
+    );
+
+    // The next request tries upstream again and succeeds.
+    up.clear_faults();
+    let r = proxy.get(&format!("{DL}/rand/0.8.5/download")).await;
+    assert_eq!(r.status(), 200, "{fault:?}");
+    assert_eq!(body_of(r).await.unwrap(), bytes, "{fault:?}");
+    assert_eq!(up.crate_hits("rand", "0.8.5"), 2, "{fault:?}");
+    assert!(proxy.crate_path("ra/nd/rand/rand-0.8.5.crate").exists());
+    let temp_left = std::fs::read_dir(dir.path().join("crates/.tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(temp_left, 0, "{fault:?}");
+}
+
+#[tokio::test]
+async fn checksum_mismatch_is_never_cached_nor_served_whole() {
+    assert_fault_is_not_cached(Fault::Corrupt).await;
+}
+
+#[tokio::test]
+async fn truncated_body_with_length_is_never_cached() {
+    assert_fault_is_not_cached(Fault::Truncate).await;
+}
+
+#[tokio::test]
+async fn truncated_chunked_body_is_never_cached() {
+    assert_fault_is_not_cached(Fault::TruncateChunked).await;
+}
+
+#[tokio::test]
+async fn upstream_5xx_is_a_502_and_nothing_is_cached() {
+    assert_fault_is_not_cached(Fault::Status(500)).await;
+}
+
+#[tokio::test]
+async fn upstream_hanging_mid_body_is_cut_off_and_not_cached() {
+    assert_fault_is_not_cached(Fault::HangMidBody).await;
+}
+
+#[tokio::test]
+async fn upstream_hang_before_headers_is_a_504() {
+    let up = FakeUpstream::start().await;
+    up.publish("log", "0.4.22", 100);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.upstream_idle_timeout = Duration::from_millis(500);
+    let proxy = Proxy::start_with(cfg).await;
+    up.set_fault(Target::Crate, Fault::Hang);
+    let r = proxy.get(&format!("{DL}/log/0.4.22/download")).await;
+    assert_eq!(r.status(), 504);
+}
+
+#[tokio::test]
+async fn a_trickling_upstream_still_streams_through() {
+    let up = FakeUpstream::start().await;
+    let bytes = up.publish("slow", "1.0.0", 4_000);
+    up.set_fault(
+        Target::Crate,
+        Fault::Trickle {
+            piece: 500,
+            pause: Duration::from_millis(20),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let r = proxy.get(&format!("{DL}/slow/1.0.0/download")).await;
+    assert_eq!(body_of(r).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn unknown_crates_and_versions_are_404() {
+    let up = FakeUpstream::start().await;
+    up.publish("known", "1.0.0", 100);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let r = proxy.get(&format!("{DL}/unknown/1.0.0/download")).await;
+    assert_eq!(r.status(), 404);
+    let r = proxy.get(&format!("{DL}/known/9.9.9/download")).await;
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("no version 9.9.9"));
+    // The missing version made the proxy revalidate the cached index once.
+    assert_eq!(up.index_hits("known"), 2);
+    assert_eq!(
+        up.total_hits() - up.index_hits("known") - up.index_hits("unknown"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn upstream_404_for_the_file_is_a_404() {
+    let up = FakeUpstream::start().await;
+    up.publish("lost", "1.0.0", 100);
+    up.set_fault(Target::Crate, Fault::Status(404));
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let r = proxy.get(&format!("{DL}/lost/1.0.0/download")).await;
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn a_version_published_after_the_index_was_cached_is_found() {
+    let up = FakeUpstream::start().await;
+    up.publish("fresh", "1.0.0", 100);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await; // TTL of an hour
+    assert_eq!(proxy.get("/index/fr/es/fresh").await.status(), 200);
+    let bytes = up.publish("fresh", "1.1.0", 100);
+    let r = proxy.get(&format!("{DL}/fresh/1.1.0/download")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(body_of(r).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn names_are_case_insensitive_and_upstream_gets_the_canonical_name() {
+    let up = FakeUpstream::start().await;
+    let bytes = up.publish("Inflector", "0.11.4", 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let r = proxy.get(&format!("{DL}/inflector/0.11.4/download")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(body_of(r).await.unwrap(), bytes);
+    let r = proxy.get(&format!("{DL}/Inflector/0.11.4/download")).await;
+    assert_eq!(r.headers()["x-cratere-cache"], "hit");
+    assert_eq!(up.crate_hits("Inflector", "0.11.4"), 1);
+    assert!(
+        proxy
+            .crate_path("in/fl/inflector/inflector-0.11.4.crate")
+            .exists()
+    );
+}
+
+#[tokio::test]
+async fn build_metadata_versions_work() {
+    let up = FakeUpstream::start().await;
+    let bytes = up.publish("meta", "1.0.0+build.7", 100);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    for path in ["1.0.0+build.7", "1.0.0%2Bbuild.7"] {
+        let r = proxy.get(&format!("{DL}/meta/{path}/download")).await;
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(body_of(r).await.unwrap(), bytes);
+    }
+    assert_eq!(up.crate_hits("meta", "1.0.0+build.7"), 1);
+}
+
+#[tokio::test]
+async fn the_download_template_can_be_overridden() {
+    let up = FakeUpstream::start().await;
+    let bytes = up.publish("serde_json", "1.0.0", 100);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.upstream_dl = Some(format!("{}dl/{{crate}}/{{version}}/download", up.url));
+    up.set_dl("http://127.0.0.1:9/never-used");
+    let proxy = Proxy::start_with(cfg).await;
+    let r = proxy.get(&format!("{DL}/serde_json/1.0.0/download")).await;
+    assert_eq!(body_of(r).await.unwrap(), bytes);
+    assert_eq!(up.hits("/config.json"), 0);
+}
+
+#[tokio::test]
+async fn hostile_paths_get_4xx_and_touch_nothing() {
+    let up = FakeUpstream::start().await;
+    up.publish("serde", "1.0.0", 100);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let long_name = "a".repeat(65);
+    let long_version = format!("1.0.0-{}", "a".repeat(150));
+    for bad in [
+        "/api/v1/crates/..%2F..%2Fetc/1.0.0/download".to_string(),
+        "/api/v1/crates/%2e%2e/1.0.0/download".to_string(),
+        "/api/v1/crates/serde/..%2F..%2F..%2Fetc%2Fpasswd/download".to_string(),
+        "/api/v1/crates/serde/1.0.0%2F..%2F..%2Fx/download".to_string(),
+        "/api/v1/crates/ser%00de/1.0.0/download".to_string(),
+        "/api/v1/crates/serde/1.0.0%00/download".to_string(),
+        "/api/v1/crates/ser%252Fde/1.0.0/download".to_string(),
+        "/api/v1/crates/serde/not-a-version/download".to_string(),
+        format!("/api/v1/crates/{long_name}/1.0.0/download"),
+        format!("/api/v1/crates/serde/{long_version}/download"),
+        "/api/v1/crates/serde/1.0.0/download/extra".to_string(),
+        "/api/v1/crates/serde/download".to_string(),
+    ] {
+        let r = proxy.get(&bad).await;
+        assert!(
+            r.status() == 400 || r.status() == 404,
+            "{bad}: {}",
+            r.status()
+        );
+    }
+    assert_eq!(up.total_hits(), 0);
+    let mut files = Vec::new();
+    for entry in walk(dir.path()) {
+        files.push(entry);
+    }
+    assert!(files.is_empty(), "{files:?}");
+}
+
+fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(p).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_does_not_stop_the_download() {
+    let up = FakeUpstream::start().await;
+    let bytes = up.publish("bigdep", "2.0.0", 500_000);
+    up.set_fault(Target::Crate, Fault::Gate);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let mut r = proxy.get(&format!("{DL}/bigdep/2.0.0/download")).await;
+    r.chunk().await.unwrap().unwrap();
+    drop(r); // the only client goes away mid-download
+    up.release();
+    let path = proxy.crate_path("bi/gd/bigdep/bigdep-2.0.0.crate");
+    wait_until(|| path.exists(), "the crate to be stored").await;
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    assert_eq!(
+        sha256_hex(&bytes),
+        sha256_hex(&std::fs::read(&path).unwrap())
+    );
+}
