@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::downloads::Downloads;
@@ -92,17 +93,28 @@ async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, "not found\n")
 }
 
-/// Serves on an already-bound listener until `shutdown` is cancelled.
+/// Serves on an already-bound listener until `shutdown` is cancelled, with the background
+/// jobs the configuration enables; returns once the server and every job have stopped.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    let jobs = TaskTracker::new();
+    start_jobs(&state, &jobs, &shutdown);
+    jobs.close();
+    let served = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
-        .context("serving HTTP")
+        .context("serving HTTP");
+    shutdown.cancel();
+    jobs.wait().await;
+    served
 }
+
+/// Starts the scheduled jobs (each feature adds its own here, through
+/// [`crate::jobs::spawn_scheduled`]).
+fn start_jobs(_state: &AppState, _jobs: &TaskTracker, _shutdown: &CancellationToken) {}
 
 /// The `serve` command: bind, run, stop on SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
