@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use std::future::IntoFuture;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::downloads::Downloads;
 use crate::index_cache::IndexCache;
+use crate::jobs::{FirstRun, spawn_scheduled};
 use crate::metrics::Metrics;
 use crate::sparse::PublicHosts;
 use crate::storage::FsStore;
@@ -39,8 +41,9 @@ impl AppState {
         let sparse_dir = config.index.join("sparse");
         let index_store = FsStore::open(&sparse_dir)
             .with_context(|| format!("CRATERE_INDEX={}", config.index.display()))?;
-        let upstream = Upstream::new(&config).context("building the upstream HTTP client")?;
         let metrics = Arc::new(Metrics::new());
+        let upstream =
+            Upstream::new(&config, metrics.clone()).context("building the upstream HTTP client")?;
         let index = Arc::new(IndexCache::new(
             index_store,
             upstream.clone(),
@@ -66,17 +69,44 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(crate::status::page))
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(crate::sparse::router())
         .merge(crate::downloads::router())
         .fallback(not_found)
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::telemetry::access_log,
+        ))
         .with_state(state)
 }
 
+/// Liveness: the process answers.
 async fn health() -> &'static str {
     "ok\n"
+}
+
+/// Readiness: the configuration is loaded (it is, or we would not be running) and both stores
+/// accept writes.
+async fn ready(State(st): State<AppState>) -> impl IntoResponse {
+    let crates = st.downloads.store().clone();
+    let index = st.index.store().clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        crates
+            .check_writable()
+            .map_err(|e| format!("crate cache (CRATERE_CACHE) not writable: {e}"))?;
+        index
+            .check_writable()
+            .map_err(|e| format!("index cache (CRATERE_INDEX) not writable: {e}"))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    match checked {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+    }
 }
 
 async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
@@ -94,27 +124,62 @@ async fn not_found() -> impl IntoResponse {
 }
 
 /// Serves on an already-bound listener until `shutdown` is cancelled, with the background
-/// jobs the configuration enables; returns once the server and every job have stopped.
+/// jobs the configuration enables. On shutdown the listener stops accepting, in-flight
+/// requests get up to `CRATERE_SHUTDOWN_GRACE` to finish, jobs stop; then it returns.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let grace = state.config.shutdown_grace;
     let jobs = TaskTracker::new();
     start_jobs(&state, &jobs, &shutdown);
     jobs.close();
-    let served = axum::serve(listener, router(state))
+    let server = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("serving HTTP");
+        .into_future();
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    let served = tokio::select! {
+        r = server => r.context("serving HTTP"),
+        _ = deadline => {
+            tracing::warn!(?grace, "shutdown grace elapsed; closing the remaining connections");
+            Ok(())
+        }
+    };
     shutdown.cancel();
     jobs.wait().await;
+    tracing::info!("stopped");
     served
 }
 
 /// Starts the scheduled jobs (each feature adds its own here, through
 /// [`crate::jobs::spawn_scheduled`]).
-fn start_jobs(_state: &AppState, _jobs: &TaskTracker, _shutdown: &CancellationToken) {}
+fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken) {
+    // Cache size for /metrics and the status page: a walk at startup and every 10 minutes,
+    // in the background (startup time does not grow with the cache); stores in between
+    // are added as they happen.
+    let st = state.clone();
+    spawn_scheduled(
+        jobs,
+        shutdown.clone(),
+        "cache-size",
+        "*/10 * * * *".parse().expect("valid schedule"),
+        FirstRun::Immediately,
+        move || {
+            let st = st.clone();
+            async move {
+                let store = st.downloads.store().clone();
+                let (files, bytes) =
+                    tokio::task::spawn_blocking(move || store.usage("crate")).await??;
+                st.metrics.set_cache_size(files, bytes);
+                Ok(())
+            }
+        },
+    );
+}
 
 /// The `serve` command: bind, run, stop on SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> anyhow::Result<()> {

@@ -128,6 +128,15 @@ impl Scheme {
     }
 }
 
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colours on a terminal).
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 /// A `host[:port]` authority, lowercased, as clients put it in `Host`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPort {
@@ -304,6 +313,16 @@ pub struct Config {
     #[arg(long, env = "CRATERE_UPSTREAM_CONCURRENCY", default_value = "64",
           value_parser = parse_nonzero)]
     pub upstream_concurrency: usize,
+
+    /// Log format: `text` or `json` (filter with RUST_LOG).
+    #[arg(long, env = "CRATERE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests (downloads) may take to finish before
+    /// the process exits anyway.
+    #[arg(long, env = "CRATERE_SHUTDOWN_GRACE", default_value = "30s",
+          value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 impl Config {

@@ -211,8 +211,10 @@ impl Downloads {
         map.insert(key.clone(), flight.clone());
         let this = self.clone();
         let (k, f, requested) = (key.clone(), flight.clone(), requested.clone());
+        self.metrics.download_started();
         tokio::spawn(async move {
             let end = this.fetch(&k, &requested, tmp, &f).await;
+            this.metrics.download_ended();
             if let Err(fail) = &end {
                 tracing::warn!(krate = %k.as_relative(), error = ?fail, "download failed");
             }
@@ -262,8 +264,12 @@ impl Downloads {
         let mut written: u64 = 0;
         let mut writer = tmp;
         loop {
-            let chunk = body.chunk().await.map_err(Failure::Upstream)?;
+            let chunk = body
+                .chunk()
+                .await
+                .map_err(|e| Failure::Upstream(self.upstream.failed(Kind::Crate, e)))?;
             let Some(chunk) = chunk else { break };
+            self.upstream.received(chunk.len());
             hasher.update(&chunk);
             written += chunk.len() as u64;
             if total.is_some_and(|t| written > t) {
@@ -277,11 +283,14 @@ impl Downloads {
                 .send_replace(Progress::Streaming { written, total });
         }
         if total.is_some_and(|t| written != t) {
-            return Err(Failure::Upstream(UpstreamError::Body("truncated".into())));
+            let e = UpstreamError::Body("truncated".into());
+            return Err(Failure::Upstream(self.upstream.failed(Kind::Crate, e)));
         }
         let got = hex::encode(hasher.finalize());
         if got != cksum {
             tracing::error!(krate = %rel, expected = %cksum, got = %got, "checksum mismatch");
+            self.metrics
+                .upstream_error(Kind::Crate, "checksum", "checksum mismatch");
             return Err(Failure::Checksum);
         }
         let store = self.store.clone();
@@ -291,7 +300,7 @@ impl Downloads {
         })
         .await;
         match stored {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => self.metrics.crate_stored(written),
             Ok(Err(e)) => tracing::warn!(error = %e, "crate verified but could not be stored"),
             Err(e) => tracing::error!(error = %e, "store task failed"),
         }

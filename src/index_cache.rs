@@ -107,6 +107,10 @@ impl IndexCache {
         }
     }
 
+    pub fn store(&self) -> &FsStore {
+        &self.store
+    }
+
     /// Looks up an index file. `Ok(None)`: upstream says it does not exist. `Err`: upstream
     /// failed and nothing is cached. `force` revalidates even a fresh copy.
     pub async fn get(

@@ -14,6 +14,8 @@
 //! - [`singleflight`]: one computation for concurrent callers of one key.
 //! - [`metrics`]: Prometheus metrics owned by the app.
 //! - [`error`]: the HTTP-edge error type.
+//! - [`status`]: the status page at `/`.
+//! - [`telemetry`]: logging setup and the access log.
 
 pub mod app;
 pub mod config;
@@ -25,5 +27,7 @@ pub mod metrics;
 pub mod names;
 pub mod singleflight;
 pub mod sparse;
+pub mod status;
 pub mod storage;
+pub mod telemetry;
 pub mod upstream;

@@ -1,13 +1,21 @@
-//! Metrics owned by the app (no globals), exposed in Prometheus text format at `/metrics`.
-//! Labels never carry crate names: their cardinality would be unbounded.
+//! Metrics owned by the app (no globals), exposed in Prometheus text format at `/metrics`, and
+//! the few live figures the status page shows. Labels never carry crate names: their
+//! cardinality would be unbounded.
 
+use std::collections::VecDeque;
 use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// What a cache event is about.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Kind {
     Index,
@@ -70,10 +78,50 @@ struct KindLabels {
     kind: Kind,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    /// The route pattern (`/index/{*path}`), never the concrete path.
+    route: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: Kind,
+    error: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+/// Requests per minute over the last hour, for the status page chart.
+#[derive(Debug, Default)]
+struct Traffic {
+    /// (minute since the epoch, requests, cache hits)
+    minutes: VecDeque<(u64, u64, u64)>,
+}
+
+const TRAFFIC_MINUTES: u64 = 60;
+
 pub struct Metrics {
     registry: Registry,
     cache: Family<CacheLabels, Counter>,
     coalesced: Family<KindLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    bytes: Family<SourceLabels, Counter>,
+    upstream_latency: Family<KindLabels, Histogram>,
+    upstream_errors: Family<ErrorLabels, Counter>,
+    downloads_in_flight: Gauge,
+    cache_files: Gauge,
+    cache_bytes: Gauge,
+    last_upstream_ok: AtomicI64,
+    last_upstream_error: AtomicI64,
+    last_upstream_error_text: Mutex<String>,
+    traffic: Mutex<Traffic>,
+    started: SystemTime,
+    scans: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -82,13 +130,20 @@ impl Default for Metrics {
     }
 }
 
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("cratere");
         let cache = Family::<CacheLabels, Counter>::default();
         registry.register(
             "cache_requests",
-            "Requests by cache outcome (hit, miss, revalidated, stale)",
+            "Requests for index files and crates by cache outcome (hit, miss, revalidated, stale)",
             cache.clone(),
         );
         let coalesced = Family::<KindLabels, Counter>::default();
@@ -97,10 +152,67 @@ impl Metrics {
             "Requests that joined an upstream fetch already in flight",
             coalesced.clone(),
         );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        let bytes = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "bytes",
+            "Body bytes served from the cache (source=cache) and fetched from upstream (source=upstream)",
+            bytes.clone(),
+        );
+        let upstream_latency = Family::<KindLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+        });
+        registry.register(
+            "upstream_response_seconds",
+            "Time from an upstream request to its response headers",
+            upstream_latency.clone(),
+        );
+        let upstream_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Failed upstream requests by kind of failure",
+            upstream_errors.clone(),
+        );
+        let downloads_in_flight = Gauge::default();
+        registry.register(
+            "downloads_in_flight",
+            "Crate downloads from upstream in progress",
+            downloads_in_flight.clone(),
+        );
+        let cache_files = Gauge::default();
+        registry.register(
+            "cache_files",
+            "Crate files in the cache (as of the last scan, plus files added since)",
+            cache_files.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register(
+            "cache_size_bytes",
+            "Bytes of crate files in the cache (as of the last scan, plus files added since)",
+            cache_bytes.clone(),
+        );
         Metrics {
             registry,
             cache,
             coalesced,
+            requests,
+            bytes,
+            upstream_latency,
+            upstream_errors,
+            downloads_in_flight,
+            cache_files,
+            cache_bytes,
+            last_upstream_ok: AtomicI64::new(0),
+            last_upstream_error: AtomicI64::new(0),
+            last_upstream_error_text: Mutex::new(String::new()),
+            traffic: Mutex::default(),
+            started: SystemTime::now(),
+            scans: AtomicU64::new(0),
         }
     }
 
@@ -110,8 +222,156 @@ impl Metrics {
             .inc();
     }
 
+    pub fn cache_count(&self, kind: Kind, outcome: Outcome) -> u64 {
+        self.cache
+            .get_or_create(&CacheLabels { kind, outcome })
+            .get()
+    }
+
     pub fn coalesced(&self, kind: Kind) {
         self.coalesced.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// One finished HTTP request.
+    pub fn request(&self, route: &str, status: u16, hit: bool) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                status,
+            })
+            .inc();
+        let minute = unix_now() as u64 / 60;
+        let mut t = self.traffic.lock().expect("lock poisoned");
+        match t.minutes.back_mut() {
+            Some((m, n, h)) if *m == minute => {
+                *n += 1;
+                *h += hit as u64;
+            }
+            _ => t.minutes.push_back((minute, 1, hit as u64)),
+        }
+        while t
+            .minutes
+            .front()
+            .is_some_and(|(m, _, _)| *m + TRAFFIC_MINUTES <= minute)
+        {
+            t.minutes.pop_front();
+        }
+    }
+
+    /// Requests and cache hits per minute for the last hour, oldest first, zeros filled in.
+    pub fn traffic(&self) -> Vec<(u64, u64)> {
+        let now = unix_now() as u64 / 60;
+        let t = self.traffic.lock().expect("lock poisoned");
+        (now + 1 - TRAFFIC_MINUTES..=now)
+            .map(|m| {
+                t.minutes
+                    .iter()
+                    .find(|(mm, _, _)| *mm == m)
+                    .map_or((0, 0), |(_, n, h)| (*n, *h))
+            })
+            .collect()
+    }
+
+    pub fn served_from_cache(&self, n: u64) {
+        self.bytes
+            .get_or_create(&SourceLabels { source: "cache" })
+            .inc_by(n);
+    }
+
+    pub fn fetched_from_upstream(&self, n: u64) {
+        self.bytes
+            .get_or_create(&SourceLabels { source: "upstream" })
+            .inc_by(n);
+    }
+
+    pub fn bytes_served_from_cache(&self) -> u64 {
+        self.bytes
+            .get_or_create(&SourceLabels { source: "cache" })
+            .get()
+    }
+
+    pub fn bytes_fetched_from_upstream(&self) -> u64 {
+        self.bytes
+            .get_or_create(&SourceLabels { source: "upstream" })
+            .get()
+    }
+
+    /// An upstream request answered (any status) after `elapsed`.
+    pub fn upstream_response(&self, kind: Kind, elapsed: Duration) {
+        self.upstream_latency
+            .get_or_create(&KindLabels { kind })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Upstream answered as expected (a 200, 304 or 404).
+    pub fn upstream_ok(&self) {
+        self.last_upstream_ok
+            .store(unix_now(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// An upstream request failed; `error` is a short kind (`timeout`, `connect`, `status_5xx`…).
+    pub fn upstream_error(&self, kind: Kind, error: &str, detail: &str) {
+        self.upstream_errors
+            .get_or_create(&ErrorLabels {
+                kind,
+                error: error.to_string(),
+            })
+            .inc();
+        self.last_upstream_error
+            .store(unix_now(), std::sync::atomic::Ordering::Relaxed);
+        *self.last_upstream_error_text.lock().expect("lock poisoned") = detail.to_string();
+    }
+
+    /// (last success, last error, last error text), unix seconds, 0 = never.
+    pub fn upstream_health(&self) -> (i64, i64, String) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.last_upstream_ok.load(Relaxed),
+            self.last_upstream_error.load(Relaxed),
+            self.last_upstream_error_text
+                .lock()
+                .expect("lock poisoned")
+                .clone(),
+        )
+    }
+
+    pub fn download_started(&self) {
+        self.downloads_in_flight.inc();
+    }
+
+    pub fn download_ended(&self) {
+        self.downloads_in_flight.dec();
+    }
+
+    pub fn downloads_in_flight(&self) -> i64 {
+        self.downloads_in_flight.get()
+    }
+
+    /// A crate file entered the cache.
+    pub fn crate_stored(&self, len: u64) {
+        self.cache_files.inc();
+        self.cache_bytes.inc_by(len as i64);
+    }
+
+    /// Sets the cache size from a full scan.
+    pub fn set_cache_size(&self, files: u64, bytes: u64) {
+        self.cache_files.set(files as i64);
+        self.cache_bytes.set(bytes as i64);
+        self.scans
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (files, bytes) of the crate cache, and whether a scan has completed yet.
+    pub fn cache_size(&self) -> (u64, u64, bool) {
+        (
+            self.cache_files.get().max(0) as u64,
+            self.cache_bytes.get().max(0) as u64,
+            self.scans.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        )
+    }
+
+    pub fn started(&self) -> SystemTime {
+        self.started
     }
 
     /// Prometheus text exposition.
@@ -120,5 +380,35 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_series_and_no_crate_names() {
+        let m = Metrics::new();
+        m.cache(Kind::Crate, Outcome::Hit);
+        m.request("/api/v1/crates/{crate}/{version}/download", 200, true);
+        m.upstream_error(Kind::Index, "timeout", "timed out");
+        m.upstream_response(Kind::Index, Duration::from_millis(30));
+        m.set_cache_size(3, 300);
+        let text = m.encode();
+        for needle in [
+            "cratere_cache_requests_total{kind=\"crate\",outcome=\"hit\"} 1",
+            "cratere_http_requests_total{route=\"/api/v1/crates/{crate}/{version}/download\",status=\"200\"} 1",
+            "cratere_upstream_errors_total{kind=\"index\",error=\"timeout\"} 1",
+            "cratere_upstream_response_seconds_count{kind=\"index\"} 1",
+            "cratere_cache_files 3",
+            "cratere_cache_size_bytes 300",
+            "cratere_downloads_in_flight 0",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+        let t = m.traffic();
+        assert_eq!(t.len(), 60);
+        assert_eq!(t[59], (1, 1));
     }
 }

@@ -94,6 +94,36 @@ impl FsStore {
         }
     }
 
+    /// Number and total size of the files in the store with the given extension (temp files
+    /// excluded). Blocking: a walk of the whole tree, for background jobs only.
+    pub fn usage(&self, extension: &str) -> io::Result<(u64, u64)> {
+        let (mut files, mut bytes) = (0, 0);
+        let mut dirs = vec![self.root.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let ft = entry.file_type()?;
+                if ft.is_dir() {
+                    if entry.file_name() != TMP_DIR {
+                        dirs.push(entry.path());
+                    }
+                } else if ft.is_file() && entry.path().extension().is_some_and(|e| e == extension) {
+                    files += 1;
+                    bytes += entry.metadata()?.len();
+                }
+            }
+        }
+        Ok((files, bytes))
+    }
+
+    /// Whether a file can be created in the store (for readiness).
+    pub fn check_writable(&self) -> io::Result<()> {
+        use std::io::Write;
+        let mut f = self.temp_file()?;
+        f.write_all(b"ready")?;
+        f.as_file().sync_data()
+    }
+
     /// Opens `key` for reading, `None` when absent.
     pub async fn open_read(&self, key: &str) -> io::Result<Option<(tokio::fs::File, u64)>> {
         match tokio::fs::File::open(self.path(key)).await {

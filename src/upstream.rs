@@ -2,7 +2,7 @@
 //! index fetches with validators and streamed crate downloads.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::StatusCode;
@@ -12,6 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
 use crate::config::Config;
+use crate::metrics::{Kind, Metrics};
 use crate::names::{CrateName, Version};
 
 /// Largest index file accepted from upstream. The biggest crates.io index files are a few MB.
@@ -38,6 +39,22 @@ pub enum UpstreamError {
     TooLarge(usize),
     #[error("{0}")]
     Config(String),
+}
+
+impl UpstreamError {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Status(429) => "status_429",
+            UpstreamError::Status(s) if *s >= 500 => "status_5xx",
+            UpstreamError::Status(_) => "status_other",
+            UpstreamError::Body(_) => "body",
+            UpstreamError::TooLarge(_) => "too_large",
+            UpstreamError::Config(_) => "config",
+        }
+    }
 }
 
 impl From<reqwest::Error> for UpstreamError {
@@ -102,10 +119,11 @@ pub struct Upstream {
     client: reqwest::Client,
     sparse: Url,
     permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
-    pub fn new(config: &Config) -> anyhow::Result<Upstream> {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Upstream> {
         let client = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(config.upstream_connect_timeout)
@@ -117,7 +135,19 @@ impl Upstream {
             client,
             sparse: config.upstream_sparse.clone(),
             permits: Arc::new(Semaphore::new(config.upstream_concurrency)),
+            metrics,
         })
+    }
+
+    /// Records a failed upstream call in the metrics and passes the error on.
+    pub fn failed(&self, kind: Kind, e: UpstreamError) -> UpstreamError {
+        self.metrics.upstream_error(kind, e.label(), &e.to_string());
+        e
+    }
+
+    /// Records bytes received from upstream.
+    pub fn received(&self, n: usize) {
+        self.metrics.fetched_from_upstream(n as u64);
     }
 
     async fn permit(&self) -> OwnedSemaphorePermit {
@@ -131,6 +161,16 @@ impl Upstream {
     /// Fetches `{upstream}{rel}` (an index path or `config.json`), conditionally when
     /// validators are known.
     pub async fn fetch_index(
+        &self,
+        rel: &str,
+        known: &Validators,
+    ) -> Result<IndexFetch, UpstreamError> {
+        self.fetch_index_inner(rel, known)
+            .await
+            .map_err(|e| self.failed(Kind::Index, e))
+    }
+
+    async fn fetch_index_inner(
         &self,
         rel: &str,
         known: &Validators,
@@ -150,7 +190,10 @@ impl Upstream {
         } else if let Some(lm) = &known.last_modified {
             req = req.header(IF_MODIFIED_SINCE, lm);
         }
+        let started = Instant::now();
         let mut resp = req.send().await?;
+        self.metrics
+            .upstream_response(Kind::Index, started.elapsed());
         match resp.status() {
             StatusCode::OK => {}
             StatusCode::NOT_MODIFIED if *known != Validators::default() => {
@@ -186,7 +229,9 @@ impl Upstream {
                 return Err(UpstreamError::TooLarge(MAX_INDEX_FILE));
             }
             body.extend_from_slice(&chunk);
+            self.received(chunk.len());
         }
+        self.metrics.upstream_ok();
         Ok(IndexFetch::Modified {
             body: body.freeze(),
             validators,
@@ -196,14 +241,26 @@ impl Upstream {
     /// Starts a crate download; the body is read with [`CrateBody::chunk`].
     pub async fn fetch_crate(&self, url: Url) -> Result<CrateBody, UpstreamError> {
         let permit = self.permit().await;
-        let resp = self.client.get(url).send().await?;
+        let started = Instant::now();
+        let resp = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.failed(Kind::Crate, e.into()))?;
+        self.metrics
+            .upstream_response(Kind::Crate, started.elapsed());
         match resp.status() {
             StatusCode::OK => Ok(CrateBody {
                 len: resp.content_length(),
                 response: resp,
                 _permit: permit,
             }),
-            s => Err(UpstreamError::Status(s.as_u16())),
+            StatusCode::NOT_FOUND => {
+                self.metrics.upstream_ok();
+                Err(UpstreamError::Status(404))
+            }
+            s => Err(self.failed(Kind::Crate, UpstreamError::Status(s.as_u16()))),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The binary itself: configuration errors, --help, and a real start, health check and
 //! SIGTERM shutdown.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
@@ -128,4 +130,109 @@ fn serves_without_a_subcommand_and_exits_cleanly_on_sigterm() {
         let status = child.wait().unwrap();
         assert!(status.success(), "{args:?}: {status:?}");
     }
+}
+
+/// A running `cratere` binary whose stderr is collected in the background.
+struct Running {
+    child: std::process::Child,
+    addr: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn spawn_server(envs: &[(&str, String)]) -> Running {
+    let mut cmd = Command::new(BIN);
+    clean_env(&mut cmd)
+        .env("CRATERE_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            if let Some(rest) = line.split("listen").nth(1) {
+                let addr: String = rest
+                    .trim_start_matches(['=', '"', ':'])
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
+                let _ = tx.send(addr);
+            }
+            l.lock().unwrap().push(line);
+        }
+    });
+    let addr = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("server announced its address");
+    Running { child, addr, log }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_a_slow_download_finish_then_exits_zero() {
+    let up = common::FakeUpstream::start().await;
+    let bytes = up.publish("slowpoke", "1.0.0", 20_000);
+    up.set_fault(
+        common::Target::Crate,
+        common::Fault::Trickle {
+            piece: 1_000,
+            pause: std::time::Duration::from_millis(50),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = spawn_server(&[
+        ("CRATERE_UPSTREAM_SPARSE", up.url.clone()),
+        ("CRATERE_CACHE", dir.path().join("c").display().to_string()),
+        ("CRATERE_INDEX", dir.path().join("i").display().to_string()),
+        ("CRATERE_LOG_FORMAT", "json".into()),
+        ("CRATERE_SHUTDOWN_GRACE", "20s".into()),
+    ]);
+    let mut resp = reqwest::get(format!(
+        "http://{}/api/v1/crates/slowpoke/1.0.0/download",
+        server.addr
+    ))
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut got = resp.chunk().await.unwrap().unwrap().to_vec();
+    // The download is under way: ask the server to stop.
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    while let Some(c) = resp.chunk().await.unwrap() {
+        got.extend_from_slice(&c);
+    }
+    assert_eq!(got, bytes, "the download completed after SIGTERM");
+    let status = tokio::task::spawn_blocking(move || server.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // JSON logs, with one access line for the download.
+    let log = server.log.lock().unwrap().clone();
+    let access: Vec<serde_json::Value> = log
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "cratere::access")
+        .collect();
+    let dl = access
+        .iter()
+        .find(|v| v["path"] == "/api/v1/crates/slowpoke/1.0.0/download")
+        .unwrap_or_else(|| panic!("no access line in {log:#?}"));
+    assert_eq!(dl["method"], "GET");
+    assert_eq!(dl["status"], 200);
+    assert_eq!(dl["bytes"], 20_000);
+    assert_eq!(dl["cache"], "miss");
+    assert_eq!(dl["complete"], true);
+    assert!(dl["duration_ms"].as_f64().unwrap() > 0.0);
 }

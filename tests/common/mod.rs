@@ -233,6 +233,21 @@ pub async fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
     panic!("timed out waiting for {what}");
 }
 
+/// Like [`wait_until`] for an async condition.
+pub async fn wait_until_async<F, Fut>(mut cond: F, what: &str)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..4000 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
 async fn handle(State(st): State<Arc<UpState>>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     *st.hits.lock().unwrap().entry(path.clone()).or_default() += 1;
