@@ -63,7 +63,7 @@ fn chart(traffic: &[(u64, u64)]) -> String {
     let max = traffic.iter().map(|t| t.0).max().unwrap_or(0).max(1) as f64;
     let bw = w / traffic.len().max(1) as f64;
     let mut svg = format!(
-        r#"<svg id="traffic" role="img" aria-label="Requests per minute, last hour" viewBox="0 0 {w} {h}" width="100%" height="{h}">"#
+        r#"<svg id="traffic" role="img" aria-label="Requests per minute, last hour" viewBox="0 0 {w} {h}" preserveAspectRatio="none" width="100%" height="{h}" style="background:#f7fafc">"#
     );
     for (i, (n, hits)) in traffic.iter().enumerate() {
         let x = i as f64 * bw;
@@ -167,6 +167,7 @@ registry = "{base}/crates.io-index"</pre>
 <h2>Traffic, last hour</h2>
 <p>{last_hour} requests (light: all requests per minute, dark: cache hits).</p>
 {chart}
+<p class="sub" style="display:flex;justify-content:space-between;margin-top:0"><span>60 min ago</span><span>now</span></p>
 <p class="sub"><a href="/metrics">Prometheus metrics</a> · <a href="/health">health</a> · <a href="/ready">readiness</a></p>
 </body></html>
 "#,
