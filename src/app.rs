@@ -18,6 +18,7 @@ use crate::downloads::Downloads;
 use crate::index_cache::IndexCache;
 use crate::jobs::{FirstRun, spawn_scheduled};
 use crate::metrics::Metrics;
+use crate::search::Search;
 use crate::sparse::PublicHosts;
 use crate::storage::FsStore;
 use crate::upstream::Upstream;
@@ -29,6 +30,7 @@ pub struct AppState {
     pub hosts: Arc<PublicHosts>,
     pub index: Arc<IndexCache>,
     pub downloads: Arc<Downloads>,
+    pub search: Arc<Search>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -50,6 +52,13 @@ impl AppState {
             config.index_ttl,
             metrics.clone(),
         ));
+        let search = Arc::new(Search::new(
+            upstream.clone(),
+            config.upstream_api.clone(),
+            config.search_interval,
+            index.clone(),
+            crates.root().to_path_buf(),
+        ));
         let downloads = Arc::new(Downloads::new(
             crates,
             index.clone(),
@@ -62,6 +71,7 @@ impl AppState {
             config: Arc::new(config),
             index,
             downloads,
+            search,
             metrics,
         })
     }
@@ -75,6 +85,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::sparse::router())
         .merge(crate::downloads::router())
+        .merge(crate::search::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),

@@ -314,6 +314,17 @@ pub struct Config {
           value_parser = parse_nonzero)]
     pub upstream_concurrency: usize,
 
+    /// Upstream web API, for `cargo search`.
+    #[arg(long, env = "CRATERE_UPSTREAM_API", default_value = "https://crates.io",
+          value_parser = parse_base_url)]
+    pub upstream_api: Url,
+
+    /// Least time between two search requests to the upstream API (crates.io's data-access
+    /// policy asks for at most one per second).
+    #[arg(long, env = "CRATERE_SEARCH_INTERVAL", default_value = "1s",
+          value_parser = parse_duration)]
+    pub search_interval: Duration,
+
     /// Log format: `text` or `json` (filter with RUST_LOG).
     #[arg(long, env = "CRATERE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -111,6 +111,11 @@ impl IndexCache {
         &self.store
     }
 
+    /// The cached copy of an index file, fresh or not, without asking upstream.
+    pub async fn cached(&self, key: &IndexKey) -> Option<Entry> {
+        read_entry(&self.store, key).await
+    }
+
     /// Looks up an index file. `Ok(None)`: upstream says it does not exist. `Err`: upstream
     /// failed and nothing is cached. `force` revalidates even a fresh copy.
     pub async fn get(

@@ -11,6 +11,7 @@
 //! - [`sparse`]: sparse index routes and the proxy's own config.json.
 //! - [`downloads`]: the crate route: hits, coalesced streaming misses, verification.
 //! - [`jobs`]: cron schedules and the helper that runs background jobs on them.
+//! - [`search`]: `cargo search` relayed upstream (rate-limited, cached) or answered locally.
 //! - [`singleflight`]: one computation for concurrent callers of one key.
 //! - [`metrics`]: Prometheus metrics owned by the app.
 //! - [`error`]: the HTTP-edge error type.
@@ -25,6 +26,7 @@ pub mod index_cache;
 pub mod jobs;
 pub mod metrics;
 pub mod names;
+pub mod search;
 pub mod singleflight;
 pub mod sparse;
 pub mod status;

@@ -20,6 +20,8 @@ use prometheus_client::registry::Registry;
 pub enum Kind {
     Index,
     Crate,
+    /// The web API (search).
+    Api,
 }
 
 /// How a request was answered relative to the cache.
@@ -40,6 +42,7 @@ impl Kind {
         match self {
             Kind::Index => "index",
             Kind::Crate => "crate",
+            Kind::Api => "api",
         }
     }
 }

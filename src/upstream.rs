@@ -265,6 +265,46 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// A GET to upstream's web API (search). Returns status and body whatever the status;
+    /// bodies over 8 MiB are refused.
+    pub async fn fetch_api(&self, url: Url) -> Result<(u16, Bytes), UpstreamError> {
+        const MAX: usize = 8 << 20;
+        let _permit = self.permit().await;
+        let started = Instant::now();
+        let result = async {
+            let mut resp = self
+                .client
+                .get(url)
+                .header(reqwest::header::ACCEPT, "application/json")
+                .send()
+                .await?;
+            self.metrics.upstream_response(Kind::Api, started.elapsed());
+            let status = resp.status().as_u16();
+            let mut body = BytesMut::new();
+            while let Some(chunk) = resp.chunk().await? {
+                if body.len() + chunk.len() > MAX {
+                    return Err(UpstreamError::TooLarge(MAX));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            self.received(body.len());
+            Ok((status, body.freeze()))
+        }
+        .await;
+        match result {
+            Ok((status, _)) if status >= 500 || status == 429 => {
+                Err(self.failed(Kind::Api, UpstreamError::Status(status)))
+            }
+            Ok(ok) => {
+                self.metrics.upstream_ok();
+                Ok(ok)
+            }
+            Err(e) => Err(self.failed(Kind::Api, e)),
+        }
+    }
+}
+
 /// Expands cargo's `dl` template (`{crate}`, `{version}`, `{prefix}`, `{lowerprefix}`,
 /// `{sha256-checksum}`; no marker → `/{crate}/{version}/download` appended).
 pub fn crate_url(

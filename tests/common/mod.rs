@@ -49,6 +49,8 @@ pub enum Target {
     Config,
     Index,
     Crate,
+    /// The web API (search).
+    Api,
 }
 
 #[derive(Default)]
@@ -67,6 +69,8 @@ pub struct UpState {
     /// The `dl` in config.json; default `{url}dl`.
     dl: Mutex<Option<String>>,
     gate: Mutex<Option<watch::Sender<bool>>>,
+    /// When each web API request arrived.
+    api_times: Mutex<Vec<std::time::Instant>>,
 }
 
 pub struct FakeUpstream {
@@ -192,6 +196,11 @@ impl FakeUpstream {
         self.state.conditionals.lock().unwrap().clone()
     }
 
+    /// Arrival times of web API (search) requests.
+    pub fn api_times(&self) -> Vec<std::time::Instant> {
+        self.state.api_times.lock().unwrap().clone()
+    }
+
     pub fn set_fault(&self, target: Target, fault: Fault) {
         self.state.faults.lock().unwrap().insert(target, fault);
     }
@@ -260,7 +269,42 @@ async fn handle(State(st): State<Arc<UpState>>, req: Request) -> Response {
         }
     }
     let rel = path.trim_start_matches('/');
-    let (target, body) = if rel == "config.json" {
+    let (target, body) = if rel == "api/v1/crates" {
+        st.api_times.lock().unwrap().push(std::time::Instant::now());
+        let query: HashMap<String, String> =
+            url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+                .into_owned()
+                .collect();
+        let q = query.get("q").cloned().unwrap_or_default();
+        let per_page: usize = query
+            .get("per_page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(10);
+        let mut names: Vec<String> = st
+            .crates
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|k| k.split('/').next().unwrap().to_string())
+            .filter(|n| n.contains(&q))
+            .collect();
+        names.sort();
+        names.dedup();
+        let crates: Vec<_> = names
+            .iter()
+            .take(per_page)
+            .map(|n| {
+                serde_json::json!({"name": n, "max_version": "9.9.9", "description": format!("Upstream says {n} is great"), "future_field": true})
+            })
+            .collect();
+        (
+            Target::Api,
+            Some(Bytes::from(
+                serde_json::json!({"crates": crates, "meta": {"total": names.len(), "next_page": null}})
+                    .to_string(),
+            )),
+        )
+    } else if rel == "config.json" {
         let dl = st.dl.lock().unwrap().clone().unwrap_or_else(|| {
             format!(
                 "http://{}/dl",
