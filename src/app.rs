@@ -8,7 +8,6 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use std::future::IntoFuture;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -87,6 +86,12 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::downloads::router())
         .merge(crate::search::router())
         .fallback(not_found)
+        // Bounds the time to produce response headers (a download's body may then take as
+        // long as it needs).
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            state.config.request_timeout,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             crate::telemetry::access_log,
@@ -142,33 +147,52 @@ pub async fn run(
     state: AppState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let grace = state.config.shutdown_grace;
+    let config = state.config.clone();
     let jobs = TaskTracker::new();
     start_jobs(&state, &jobs, &shutdown);
     jobs.close();
-    let server = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
-    let deadline = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(grace).await;
+    let limits = crate::server::Limits {
+        max_header_bytes: config.max_header_bytes,
+        max_headers: config.max_headers,
+        header_read_timeout: config.header_read_timeout,
     };
-    let served = tokio::select! {
-        r = server => r.context("serving HTTP"),
-        _ = deadline => {
-            tracing::warn!(?grace, "shutdown grace elapsed; closing the remaining connections");
-            Ok(())
-        }
-    };
+    crate::server::serve(
+        listener,
+        router(state),
+        limits,
+        shutdown.clone(),
+        config.shutdown_grace,
+    )
+    .await;
     shutdown.cancel();
     jobs.wait().await;
     tracing::info!("stopped");
-    served
+    Ok(())
 }
 
 /// Starts the scheduled jobs (each feature adds its own here, through
 /// [`crate::jobs::spawn_scheduled`]).
 fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken) {
+    // Health probe of a down upstream: checked every second, probing only when the breaker's
+    // back-off has elapsed.
+    let upstream = state.downloads.upstream().clone();
+    spawn_scheduled(
+        jobs,
+        shutdown.clone(),
+        "upstream-probe",
+        "* * * * * *".parse().expect("valid schedule"),
+        FirstRun::OnSchedule,
+        move || {
+            let upstream = upstream.clone();
+            async move {
+                if upstream.breaker().probe_due() && !upstream.probe().await {
+                    anyhow::bail!("upstream still down");
+                }
+                Ok(())
+            }
+        },
+    );
+
     // Cache size for /metrics and the status page: a walk at startup and every 10 minutes,
     // in the background (startup time does not grow with the cache); stores in between
     // are added as they happen.
@@ -194,6 +218,10 @@ fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken
 
 /// The `serve` command: bind, run, stop on SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // Each connection and each file served takes a descriptor: use all the system allows.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "cannot raise the open-files limit");
+    }
     let addr = config.listen_addr();
     let state = AppState::new(config)?;
     let listener = TcpListener::bind(addr)

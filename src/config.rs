@@ -314,6 +314,18 @@ pub struct Config {
           value_parser = parse_nonzero)]
     pub upstream_concurrency: usize,
 
+    /// Consecutive upstream failures (timeouts, refused connections, 5xx) after which
+    /// upstream is considered down: requests are then answered from the cache at once, and a
+    /// health probe checks upstream until it answers again.
+    #[arg(long, env = "CRATERE_UPSTREAM_FAILURE_THRESHOLD", default_value = "3",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub upstream_failure_threshold: u32,
+
+    /// First wait before probing a down upstream (doubles after each failed probe, up to 5 min).
+    #[arg(long, env = "CRATERE_UPSTREAM_BACKOFF", default_value = "5s",
+          value_parser = parse_duration)]
+    pub upstream_backoff: Duration,
+
     /// Upstream web API, for `cargo search`.
     #[arg(long, env = "CRATERE_UPSTREAM_API", default_value = "https://crates.io",
           value_parser = parse_base_url)]
@@ -324,6 +336,26 @@ pub struct Config {
     #[arg(long, env = "CRATERE_SEARCH_INTERVAL", default_value = "1s",
           value_parser = parse_duration)]
     pub search_interval: Duration,
+
+    /// Largest request head (request line and headers) accepted, in bytes.
+    #[arg(long, env = "CRATERE_MAX_HEADER_BYTES", default_value = "16384",
+          value_parser = parse_nonzero)]
+    pub max_header_bytes: usize,
+
+    /// Most request headers accepted.
+    #[arg(long, env = "CRATERE_MAX_HEADERS", default_value = "64", value_parser = parse_nonzero)]
+    pub max_headers: usize,
+
+    /// Time a client has to send its request head (slow clients are disconnected).
+    #[arg(long, env = "CRATERE_HEADER_READ_TIMEOUT", default_value = "10s",
+          value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Longest time to produce a response's headers (504 after that); bodies then stream for
+    /// as long as they need.
+    #[arg(long, env = "CRATERE_REQUEST_TIMEOUT", default_value = "60s",
+          value_parser = parse_duration)]
+    pub request_timeout: Duration,
 
     /// Log format: `text` or `json` (filter with RUST_LOG).
     #[arg(long, env = "CRATERE_LOG_FORMAT", value_enum, default_value = "text")]

@@ -153,6 +153,10 @@ impl Downloads {
         &self.store
     }
 
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
     pub async fn get(
         self: &Arc<Self>,
         name: &CrateName,

@@ -40,6 +40,7 @@ impl AppError {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
             AppError::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            AppError::Upstream(UpstreamError::Down) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Upstream(_) | AppError::ChecksumMismatch => StatusCode::BAD_GATEWAY,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

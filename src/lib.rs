@@ -12,6 +12,7 @@
 //! - [`downloads`]: the crate route: hits, coalesced streaming misses, verification.
 //! - [`jobs`]: cron schedules and the helper that runs background jobs on them.
 //! - [`search`]: `cargo search` relayed upstream (rate-limited, cached) or answered locally.
+//! - [`server`]: the accept loop: hyper with header limits, timeouts and graceful drain.
 //! - [`singleflight`]: one computation for concurrent callers of one key.
 //! - [`metrics`]: Prometheus metrics owned by the app.
 //! - [`error`]: the HTTP-edge error type.
@@ -27,6 +28,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod names;
 pub mod search;
+pub mod server;
 pub mod singleflight;
 pub mod sparse;
 pub mod status;

@@ -89,7 +89,13 @@ pub async fn page(State(st): State<AppState>, uri: Uri, headers: HeaderMap) -> i
     let m = &st.metrics;
     let (files, bytes, scanned) = m.cache_size();
     let (ok, err, err_text) = m.upstream_health();
-    let upstream_state = if err > ok {
+    let upstream_state = if st.downloads.upstream().breaker().is_open() {
+        format!(
+            r#"<span class="bad">down</span> — serving from the cache, probing; last error {}: {}"#,
+            esc(&ago(err)),
+            esc(&err_text)
+        )
+    } else if err > ok {
         format!(
             r#"<span class="bad">failing</span> since {} — {}"#,
             esc(&ago(err)),

@@ -39,6 +39,8 @@ pub enum UpstreamError {
     TooLarge(usize),
     #[error("{0}")]
     Config(String),
+    #[error("marked down after repeated failures; not asked until a health probe succeeds")]
+    Down,
 }
 
 impl UpstreamError {
@@ -53,7 +55,14 @@ impl UpstreamError {
             UpstreamError::Body(_) => "body",
             UpstreamError::TooLarge(_) => "too_large",
             UpstreamError::Config(_) => "config",
+            UpstreamError::Down => "down",
         }
+    }
+
+    /// Failures that say upstream itself is in trouble (as opposed to one bad file).
+    fn counts_against_upstream(&self) -> bool {
+        matches!(self, UpstreamError::Timeout | UpstreamError::Connect(_))
+            || matches!(self, UpstreamError::Status(s) if *s >= 500)
     }
 }
 
@@ -113,6 +122,84 @@ impl CrateBody {
     }
 }
 
+/// Stops asking a failing upstream for a while: after `threshold` consecutive failures
+/// (timeouts, refused connections, 5xx) every call fails at once with
+/// [`UpstreamError::Down`], so clients get stale index files and cached crates immediately
+/// instead of after a timeout each. A health probe ([`Upstream::probe`]) closes it again; the
+/// wait between probes doubles up to 5 minutes while upstream stays down.
+pub struct Breaker {
+    threshold: u32,
+    backoff: Duration,
+    state: std::sync::Mutex<BreakerState>,
+}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    failures: u32,
+    /// When open: the time of the next probe.
+    open_until: Option<Instant>,
+    wait: Duration,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+impl Breaker {
+    pub fn new(threshold: u32, backoff: Duration) -> Breaker {
+        Breaker {
+            threshold,
+            backoff,
+            state: Default::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        self.state.lock().expect("lock poisoned")
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.lock().open_until.is_some()
+    }
+
+    /// Whether an open breaker is due for a probe.
+    pub fn probe_due(&self) -> bool {
+        self.lock().open_until.is_some_and(|t| Instant::now() >= t)
+    }
+
+    fn check(&self) -> Result<(), UpstreamError> {
+        if self.lock().open_until.is_some() {
+            Err(UpstreamError::Down)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn success(&self) {
+        let mut st = self.lock();
+        if st.open_until.is_some() {
+            tracing::info!("upstream is back");
+        }
+        *st = BreakerState::default();
+    }
+
+    fn failure(&self, e: &UpstreamError) {
+        if !e.counts_against_upstream() {
+            return;
+        }
+        let mut st = self.lock();
+        st.failures += 1;
+        if st.open_until.is_some() {
+            // A failed probe: wait longer before the next one.
+            st.wait = (st.wait * 2).min(MAX_BACKOFF);
+            st.open_until = Some(Instant::now() + st.wait);
+        } else if st.failures >= self.threshold {
+            st.wait = self.backoff;
+            st.open_until = Some(Instant::now() + st.wait);
+            tracing::warn!(failures = st.failures, error = %e, backoff = ?st.wait,
+                "upstream marked down; serving from the cache until a probe succeeds");
+        }
+    }
+}
+
 /// The upstream client.
 #[derive(Clone)]
 pub struct Upstream {
@@ -120,6 +207,7 @@ pub struct Upstream {
     sparse: Url,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    breaker: Arc<Breaker>,
 }
 
 impl Upstream {
@@ -136,13 +224,52 @@ impl Upstream {
             sparse: config.upstream_sparse.clone(),
             permits: Arc::new(Semaphore::new(config.upstream_concurrency)),
             metrics,
+            breaker: Arc::new(Breaker::new(
+                config.upstream_failure_threshold,
+                config.upstream_backoff,
+            )),
         })
     }
 
-    /// Records a failed upstream call in the metrics and passes the error on.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// Health probe: asks for upstream's config.json past the breaker; success closes it.
+    /// Returns whether upstream answered.
+    pub async fn probe(&self) -> bool {
+        let url = match self.sparse.join("config.json") {
+            Ok(u) => u,
+            Err(_) => return false,
+        };
+        let ok = match self.client.get(url).send().await {
+            Ok(r) if r.status().is_success() => true,
+            Ok(r) => {
+                self.breaker
+                    .failure(&UpstreamError::Status(r.status().as_u16()));
+                false
+            }
+            Err(e) => {
+                self.breaker.failure(&e.into());
+                false
+            }
+        };
+        if ok {
+            self.breaker.success();
+        }
+        ok
+    }
+
+    /// Records a failed upstream call (metrics, breaker) and passes the error on.
     pub fn failed(&self, kind: Kind, e: UpstreamError) -> UpstreamError {
         self.metrics.upstream_error(kind, e.label(), &e.to_string());
+        self.breaker.failure(&e);
         e
+    }
+
+    fn answered(&self) {
+        self.metrics.upstream_ok();
+        self.breaker.success();
     }
 
     /// Records bytes received from upstream.
@@ -179,6 +306,7 @@ impl Upstream {
             .sparse
             .join(rel)
             .map_err(|e| UpstreamError::Config(e.to_string()))?;
+        self.breaker.check()?;
         let _permit = self.permit().await;
         let mut req = self
             .client
@@ -231,7 +359,7 @@ impl Upstream {
             body.extend_from_slice(&chunk);
             self.received(chunk.len());
         }
-        self.metrics.upstream_ok();
+        self.answered();
         Ok(IndexFetch::Modified {
             body: body.freeze(),
             validators,
@@ -240,6 +368,7 @@ impl Upstream {
 
     /// Starts a crate download; the body is read with [`CrateBody::chunk`].
     pub async fn fetch_crate(&self, url: Url) -> Result<CrateBody, UpstreamError> {
+        self.breaker.check()?;
         let permit = self.permit().await;
         let started = Instant::now();
         let resp = self
@@ -257,7 +386,7 @@ impl Upstream {
                 _permit: permit,
             }),
             StatusCode::NOT_FOUND => {
-                self.metrics.upstream_ok();
+                self.answered();
                 Err(UpstreamError::Status(404))
             }
             s => Err(self.failed(Kind::Crate, UpstreamError::Status(s.as_u16()))),
@@ -270,6 +399,7 @@ impl Upstream {
     /// bodies over 8 MiB are refused.
     pub async fn fetch_api(&self, url: Url) -> Result<(u16, Bytes), UpstreamError> {
         const MAX: usize = 8 << 20;
+        self.breaker.check()?;
         let _permit = self.permit().await;
         let started = Instant::now();
         let result = async {
@@ -297,7 +427,7 @@ impl Upstream {
                 Err(self.failed(Kind::Api, UpstreamError::Status(status)))
             }
             Ok(ok) => {
-                self.metrics.upstream_ok();
+                self.answered();
                 Ok(ok)
             }
             Err(e) => Err(self.failed(Kind::Api, e)),

@@ -317,3 +317,52 @@ async fn concurrent_requests_for_one_missing_file_make_one_upstream_request() {
     }
     assert_eq!(up.index_hits("hyper"), 1);
 }
+
+#[tokio::test]
+async fn a_down_upstream_is_not_waited_on_until_a_probe_succeeds() {
+    let up = FakeUpstream::start().await;
+    up.publish("aaa", "1.0.0", 10);
+    up.publish("bbb", "1.0.0", 10);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.index_ttl = Duration::ZERO;
+    cfg.upstream_idle_timeout = Duration::from_millis(300);
+    cfg.upstream_failure_threshold = 2;
+    cfg.upstream_backoff = Duration::from_millis(200);
+    let proxy = Proxy::start_with(cfg).await;
+    proxy.get("/index/3/a/aaa").await.text().await.unwrap();
+    proxy.get("/index/3/b/bbb").await.text().await.unwrap();
+
+    up.set_fault(Target::Index, Fault::Hang);
+    up.set_fault(Target::Config, Fault::Hang);
+    for _ in 0..2 {
+        let r = proxy.get("/index/3/a/aaa").await;
+        assert_eq!(r.headers()["x-cratere-cache"], "stale");
+    }
+    assert_eq!(up.index_hits("aaa"), 3);
+    // Marked down: stale copies are served without asking upstream at all.
+    for _ in 0..5 {
+        let r = proxy.get("/index/3/b/bbb").await;
+        assert_eq!(r.headers()["x-cratere-cache"], "stale");
+    }
+    assert_eq!(up.index_hits("bbb"), 1, "not asked while down");
+    let r = proxy.get("/index/no/tc/notcached").await;
+    assert_eq!(r.status(), 503, "nothing cached, upstream down: at once");
+    assert!(
+        proxy
+            .metric("cratere_upstream_errors_total{kind=\"index\",error=\"down\"}")
+            .await
+            >= 6.0
+    );
+
+    // Upstream recovers: the health probe (config.json) notices and traffic flows again.
+    up.clear_faults();
+    common::wait_until(|| up.hits("/config.json") >= 1, "a health probe").await;
+    common::wait_until_async(
+        || async {
+            proxy.get("/index/3/b/bbb").await.headers()["x-cratere-cache"] == "revalidated"
+        },
+        "upstream to be used again",
+    )
+    .await;
+}

@@ -477,6 +477,9 @@ impl Proxy {
         c.index_ttl = Duration::from_secs(3600);
         c.upstream_connect_timeout = Duration::from_secs(2);
         c.upstream_idle_timeout = Duration::from_secs(2);
+        // Fault tests inject many failures in a row; the breaker has its own tests.
+        c.upstream_failure_threshold = 1000;
+        c.upstream_backoff = Duration::from_millis(100);
         c.host = "127.0.0.1".into();
         c
     }
