@@ -41,6 +41,7 @@ impl AppError {
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
             AppError::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             AppError::Upstream(UpstreamError::Down) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Upstream(UpstreamError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
             AppError::Upstream(_) | AppError::ChecksumMismatch => StatusCode::BAD_GATEWAY,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -62,6 +63,12 @@ impl IntoResponse for AppError {
             other => format!("{other}\n"),
         };
         let mut resp = (status, body).into_response();
+        if let AppError::Upstream(UpstreamError::RateLimited { retry_after }) = &self {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after.unwrap_or(1).min(60)),
+            );
+        }
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),

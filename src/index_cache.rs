@@ -242,6 +242,12 @@ async fn refresh(
             return Err(UpstreamError::Status(304));
         }
         (IndexFetch::Modified { body, validators }, old) => {
+            if let IndexKey::Crate(path) = &key
+                && !crate::upstream::looks_like_index_of(&body, path.name().as_str())
+            {
+                tracing::warn!(key = %key.relative(), len = body.len(), "upstream sent a malformed index file; not caching it");
+                return Err(upstream.failed(crate::metrics::Kind::Index, UpstreamError::NotAnIndex));
+            }
             let sha256 = sha256_hex(&body);
             match old {
                 Some(old) if old.sha256 == sha256 && old.validators == validators => (old, false),

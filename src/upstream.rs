@@ -41,6 +41,10 @@ pub enum UpstreamError {
     Config(String),
     #[error("marked down after repeated failures; not asked until a health probe succeeds")]
     Down,
+    #[error("rate-limited us (HTTP 429)")]
+    RateLimited { retry_after: Option<u64> },
+    #[error("sent something that is not an index file")]
+    NotAnIndex,
 }
 
 impl UpstreamError {
@@ -56,6 +60,8 @@ impl UpstreamError {
             UpstreamError::TooLarge(_) => "too_large",
             UpstreamError::Config(_) => "config",
             UpstreamError::Down => "down",
+            UpstreamError::RateLimited { .. } => "status_429",
+            UpstreamError::NotAnIndex => "malformed",
         }
     }
 
@@ -333,6 +339,11 @@ impl Upstream {
             | StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS => {
                 return Ok(IndexFetch::NotFound);
             }
+            StatusCode::TOO_MANY_REQUESTS => {
+                return Err(UpstreamError::RateLimited {
+                    retry_after: retry_after(&resp),
+                });
+            }
             s => return Err(UpstreamError::Status(s.as_u16())),
         }
         let header = |name| {
@@ -389,6 +400,12 @@ impl Upstream {
                 self.answered();
                 Err(UpstreamError::Status(404))
             }
+            StatusCode::TOO_MANY_REQUESTS => {
+                let e = UpstreamError::RateLimited {
+                    retry_after: retry_after(&resp),
+                };
+                Err(self.failed(Kind::Crate, e))
+            }
             s => Err(self.failed(Kind::Crate, UpstreamError::Status(s.as_u16()))),
         }
     }
@@ -424,6 +441,7 @@ impl Upstream {
         .await;
         match result {
             Ok((status, _)) if status >= 500 || status == 429 => {
+                // The search module answers locally instead; no Retry-After needed.
                 Err(self.failed(Kind::Api, UpstreamError::Status(status)))
             }
             Ok(ok) => {
@@ -433,6 +451,44 @@ impl Upstream {
             Err(e) => Err(self.failed(Kind::Api, e)),
         }
     }
+}
+
+/// `Retry-After` in seconds (the delay form; an HTTP date is ignored).
+fn retry_after(resp: &reqwest::Response) -> Option<u64> {
+    resp.headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `body` looks like the index file of `name`: at least one line is a JSON object
+/// with that `name` (any case) and a `vers`, and no line names another crate. Guards the cache
+/// against error pages and misrouted answers that upstream sends with a 200; the lines
+/// themselves are relayed untouched.
+pub fn looks_like_index_of(body: &[u8], name: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Line<'a> {
+        #[serde(borrow)]
+        name: std::borrow::Cow<'a, str>,
+        #[allow(dead_code)]
+        vers: serde::de::IgnoredAny,
+    }
+    let mut valid = 0;
+    for line in body.split(|&b| b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<Line>(line) {
+            Ok(l) if l.name.eq_ignore_ascii_case(name) => valid += 1,
+            Ok(_) => return false,
+            // A line cargo cannot parse is skipped by cargo too; relay it as it is.
+            Err(_) => {}
+        }
+    }
+    valid > 0
 }
 
 /// Expands cargo's `dl` template (`{crate}`, `{version}`, `{prefix}`, `{lowerprefix}`,
@@ -469,6 +525,20 @@ pub fn crate_url(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_bodies_are_recognised() {
+        let good =
+            b"{\"name\":\"Foo\",\"vers\":\"1.0.0\"}\n{\"name\": \"foo\", \"vers\": \"1.0.1\"}\n";
+        assert!(looks_like_index_of(good, "foo"));
+        let with_junk = b"{\"name\":\"foo\",\"vers\":\"1.0.0\"}\nnot json\n";
+        assert!(looks_like_index_of(with_junk, "foo"));
+        assert!(!looks_like_index_of(b"<html>502 Bad Gateway</html>", "foo"));
+        assert!(!looks_like_index_of(b"", "foo"));
+        let other =
+            b"{\"name\":\"foo\",\"vers\":\"1.0.0\"}\n{\"name\":\"bar\",\"vers\":\"1.0.0\"}\n";
+        assert!(!looks_like_index_of(other, "foo"));
+    }
 
     #[test]
     fn dl_templates_expand_like_cargo() {

@@ -230,6 +230,31 @@ impl FakeUpstream {
     }
 }
 
+/// A server that accepts connections, reads the request, and resets the connection without
+/// answering. Returns its base URL.
+pub async fn resetting_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let std = stream.into_std().unwrap();
+                let sock = socket2::SockRef::from(&std);
+                let _ = sock.set_linger(Some(Duration::ZERO)); // close = RST
+                drop(std);
+            });
+        }
+    });
+    format!("http://{addr}/")
+}
+
 /// Polls a condition every few milliseconds for up to 20 s: a wait for an observable event,
 /// not a sleep standing in for one.
 pub async fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
@@ -269,6 +294,14 @@ async fn handle(State(st): State<Arc<UpState>>, req: Request) -> Response {
         }
     }
     let rel = path.trim_start_matches('/');
+    if let Some(rest) = rel.strip_prefix("r/") {
+        // Everything under /r/ redirects to the same path without it.
+        let mut location = format!("/{rest}");
+        if let Some(q) = req.uri().query() {
+            location = format!("{location}?{q}");
+        }
+        return (StatusCode::FOUND, [(header::LOCATION, location)]).into_response();
+    }
     let (target, body) = if rel == "api/v1/crates" {
         st.api_times.lock().unwrap().push(std::time::Instant::now());
         let query: HashMap<String, String> =
