@@ -92,7 +92,6 @@ enum Failure {
     NotFound(String),
     Upstream(UpstreamError),
     Checksum,
-    Internal(String),
 }
 
 impl From<Failure> for AppError {
@@ -101,16 +100,40 @@ impl From<Failure> for AppError {
             Failure::NotFound(m) => AppError::NotFound(m),
             Failure::Upstream(e) => AppError::Upstream(e),
             Failure::Checksum => AppError::ChecksumMismatch,
-            Failure::Internal(m) => AppError::Internal(anyhow::anyhow!(m)),
         }
     }
 }
 
 struct Flight {
     state: watch::Sender<Progress>,
-    /// The temp file being written. Readers use positional reads on it, so they keep working
-    /// after it has been renamed into the cache.
-    file: Arc<std::fs::File>,
+    /// The temp file being written (none if it could not even be created). Readers use
+    /// positional reads on it, so they keep working after it has been renamed into the cache.
+    file: Option<Arc<std::fs::File>>,
+    /// When the disk fills up mid-download, the rest of the body is kept here instead, so
+    /// the clients still get the crate (it is then not cached).
+    spill: Mutex<Option<Spill>>,
+}
+
+/// Bytes past `disk_len` of a download that could not be written to disk.
+#[derive(Debug, Default)]
+struct Spill {
+    /// Bytes safely in the temp file; everything after is in `chunks`.
+    disk_len: u64,
+    /// (offset in the body, bytes)
+    chunks: Vec<(u64, Bytes)>,
+}
+
+impl Spill {
+    /// Up to `max` bytes starting at body offset `pos` (which must be ≥ `disk_len`).
+    fn read(&self, pos: u64, max: u64) -> Option<Bytes> {
+        let i = self
+            .chunks
+            .partition_point(|(off, c)| off + c.len() as u64 <= pos);
+        let (off, chunk) = self.chunks.get(i)?;
+        let start = (pos - off) as usize;
+        let end = (start as u64 + max).min(chunk.len() as u64) as usize;
+        Some(chunk.slice(start..end))
+    }
 }
 
 /// The body of a download response.
@@ -188,7 +211,7 @@ impl Downloads {
                 Progress::Done { len } => Some(len),
             };
             return Ok(Download {
-                body: Body::from_stream(tail(flight.file.clone(), rx, total)),
+                body: Body::from_stream(tail(flight.clone(), rx, total)),
                 len: total,
                 hit: false,
             });
@@ -208,10 +231,20 @@ impl Downloads {
             self.metrics.coalesced(Kind::Crate);
             return Ok(f.clone());
         }
-        let tmp = self.store.temp_file()?;
-        let file = Arc::new(tmp.as_file().try_clone()?);
+        let tmp = match self.store.temp_file() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create a temp file; this download will not be cached");
+                None
+            }
+        };
+        let file = tmp
+            .as_ref()
+            .and_then(|t| t.as_file().try_clone().ok())
+            .map(Arc::new);
         let (state, _) = watch::channel(Progress::Starting);
-        let flight = Arc::new(Flight { state, file });
+        let spill = Mutex::new(file.is_none().then(Spill::default));
+        let flight = Arc::new(Flight { state, file, spill });
         map.insert(key.clone(), flight.clone());
         let this = self.clone();
         let (k, f, requested) = (key.clone(), flight.clone(), requested.clone());
@@ -238,7 +271,7 @@ impl Downloads {
         &self,
         key: &CrateKey,
         requested: &CrateName,
-        tmp: tempfile::NamedTempFile,
+        tmp: Option<tempfile::NamedTempFile>,
         flight: &Flight,
     ) -> Result<Progress, Failure> {
         let rel = key.as_relative();
@@ -281,7 +314,27 @@ impl Downloads {
                     "longer than its Content-Length".into(),
                 )));
             }
-            writer = write_blocking(writer, chunk).await?;
+            match writer.take() {
+                Some(w) => match write_blocking(w, chunk.clone()).await {
+                    Ok(w) => writer = Some(w),
+                    Err(e) => {
+                        // Disk full (or failing): keep serving this download from memory;
+                        // the partial temp file is dropped, nothing is cached.
+                        tracing::warn!(krate = %rel, error = %e,
+                            "cannot write to the cache; serving this download without caching it");
+                        let disk_len = written - chunk.len() as u64;
+                        *flight.spill.lock().expect("lock poisoned") = Some(Spill {
+                            disk_len,
+                            chunks: vec![(disk_len, chunk)],
+                        });
+                    }
+                },
+                None => {
+                    let mut spill = flight.spill.lock().expect("lock poisoned");
+                    let spill = spill.get_or_insert_with(Spill::default);
+                    spill.chunks.push((written - chunk.len() as u64, chunk));
+                }
+            }
             flight
                 .state
                 .send_replace(Progress::Streaming { written, total });
@@ -297,6 +350,9 @@ impl Downloads {
                 .upstream_error(Kind::Crate, "checksum", "checksum mismatch");
             return Err(Failure::Checksum);
         }
+        let Some(writer) = writer else {
+            return Ok(Progress::Done { len: written });
+        };
         let store = self.store.clone();
         let stored = tokio::task::spawn_blocking(move || {
             writer.as_file().sync_data()?;
@@ -396,11 +452,10 @@ fn find_version(
 async fn write_blocking(
     mut tmp: tempfile::NamedTempFile,
     chunk: Bytes,
-) -> Result<tempfile::NamedTempFile, Failure> {
+) -> std::io::Result<tempfile::NamedTempFile> {
     tokio::task::spawn_blocking(move || tmp.write_all(&chunk).map(|_| tmp))
         .await
-        .map_err(|e| Failure::Internal(e.to_string()))?
-        .map_err(|e| Failure::Internal(format!("cannot write the temp file: {e}")))
+        .map_err(std::io::Error::other)?
 }
 
 /// Streams a whole cached file.
@@ -414,57 +469,101 @@ pub fn file_body(file: tokio::fs::File) -> Body {
 /// arrives. When the length is known, the final byte is held back until the file is verified,
 /// and without a length the chunked body is only terminated then; a failure aborts the stream.
 fn tail(
-    file: Arc<std::fs::File>,
+    flight: Arc<Flight>,
     rx: watch::Receiver<Progress>,
     total: Option<u64>,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-    futures_util::stream::unfold((file, rx, 0u64), move |(file, mut rx, pos)| async move {
-        loop {
-            if pos == u64::MAX {
-                return None; // an error was already sent
-            }
-            let state = rx.borrow_and_update().clone();
-            let (limit, done) = match state {
-                Progress::Streaming { written, .. } => {
-                    let held_back = total.map_or(written, |t| written.min(t.saturating_sub(1)));
-                    (held_back, false)
+    futures_util::stream::unfold(
+        (flight, rx, 0u64),
+        move |(flight, mut rx, pos)| async move {
+            loop {
+                if pos == u64::MAX {
+                    return None; // an error was already sent
                 }
-                Progress::Done { len } => (len, true),
-                Progress::Failed(f) => {
-                    let err = std::io::Error::other(format!("download failed: {f:?}"));
-                    return Some((Err(err), (file, rx, u64::MAX)));
-                }
-                Progress::Starting | Progress::AlreadyCached => (0, false),
-            };
-            if pos < limit {
-                let n = (limit - pos).min(READ_CHUNK as u64) as usize;
-                let f = file.clone();
-                let read = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; n];
-                    std::os::unix::fs::FileExt::read_exact_at(&*f, &mut buf, pos).map(|_| buf)
-                })
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-                return match read {
-                    Ok(buf) => Some((Ok(Bytes::from(buf)), (file, rx, pos + n as u64))),
-                    Err(e) => Some((Err(e), (file, rx, u64::MAX))),
+                let state = rx.borrow_and_update().clone();
+                let (limit, done) = match state {
+                    Progress::Streaming { written, .. } => {
+                        let held_back = total.map_or(written, |t| written.min(t.saturating_sub(1)));
+                        (held_back, false)
+                    }
+                    Progress::Done { len } => (len, true),
+                    Progress::Failed(f) => {
+                        let err = std::io::Error::other(format!("download failed: {f:?}"));
+                        return Some((Err(err), (flight, rx, u64::MAX)));
+                    }
+                    Progress::Starting | Progress::AlreadyCached => (0, false),
                 };
+                if pos < limit {
+                    let read = read_at(&flight, pos, limit - pos).await;
+                    return match read {
+                        Ok(buf) => {
+                            let next = pos + buf.len() as u64;
+                            Some((Ok(buf), (flight, rx, next)))
+                        }
+                        Err(e) => Some((Err(e), (flight, rx, u64::MAX))),
+                    };
+                }
+                if done {
+                    return None;
+                }
+                if rx.changed().await.is_err() {
+                    let err = std::io::Error::other("download task ended unexpectedly");
+                    return Some((Err(err), (flight, rx, u64::MAX)));
+                }
             }
-            if done {
-                return None;
+        },
+    )
+}
+
+/// Up to `max` (at most [`READ_CHUNK`]) bytes of the body at `pos`: from the temp file, or
+/// from the spill past what reached the disk.
+async fn read_at(flight: &Arc<Flight>, pos: u64, max: u64) -> std::io::Result<Bytes> {
+    let max = max.min(READ_CHUNK as u64);
+    let disk_len = {
+        let spill = flight.spill.lock().expect("lock poisoned");
+        match &*spill {
+            Some(s) if pos >= s.disk_len => {
+                return s
+                    .read(pos, max)
+                    .ok_or_else(|| std::io::Error::other("download bytes missing"));
             }
-            if rx.changed().await.is_err() {
-                let err = std::io::Error::other("download task ended unexpectedly");
-                return Some((Err(err), (file, rx, u64::MAX)));
-            }
+            Some(s) => s.disk_len,
+            None => u64::MAX,
         }
+    };
+    let n = max.min(disk_len - pos) as usize;
+    let file = flight
+        .file
+        .clone()
+        .ok_or_else(|| std::io::Error::other("no temp file"))?;
+    let buf = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; n];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, pos).map(|_| buf)
     })
+    .await
+    .map_err(std::io::Error::other)??;
+    Ok(Bytes::from(buf))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spill_reads_cross_chunks() {
+        let s = Spill {
+            disk_len: 10,
+            chunks: vec![
+                (10, Bytes::from_static(b"abc")),
+                (13, Bytes::from_static(b"defg")),
+            ],
+        };
+        assert_eq!(s.read(10, 100).unwrap(), "abc");
+        assert_eq!(s.read(11, 1).unwrap(), "b");
+        assert_eq!(s.read(13, 100).unwrap(), "defg");
+        assert_eq!(s.read(15, 100).unwrap(), "fg");
+        assert!(s.read(17, 100).is_none());
+    }
 
     #[test]
     fn finds_the_line_of_a_version() {

@@ -132,47 +132,6 @@ fn serves_without_a_subcommand_and_exits_cleanly_on_sigterm() {
     }
 }
 
-/// A running `cratere` binary whose stderr is collected in the background.
-struct Running {
-    child: std::process::Child,
-    addr: String,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-fn spawn_server(envs: &[(&str, String)]) -> Running {
-    let mut cmd = Command::new(BIN);
-    clean_env(&mut cmd)
-        .env("CRATERE_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    let l = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            if let Some(rest) = line.split("listen").nth(1) {
-                let addr: String = rest
-                    .trim_start_matches(['=', '"', ':'])
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                    .collect();
-                let _ = tx.send(addr);
-            }
-            l.lock().unwrap().push(line);
-        }
-    });
-    let addr = rx
-        .recv_timeout(std::time::Duration::from_secs(20))
-        .expect("server announced its address");
-    Running { child, addr, log }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_a_slow_download_finish_then_exits_zero() {
     let up = common::FakeUpstream::start().await;
@@ -185,7 +144,7 @@ async fn sigterm_lets_a_slow_download_finish_then_exits_zero() {
         },
     );
     let dir = tempfile::tempdir().unwrap();
-    let mut server = spawn_server(&[
+    let mut server = common::spawn_server(&[
         ("CRATERE_UPSTREAM_SPARSE", up.url.clone()),
         ("CRATERE_CACHE", dir.path().join("c").display().to_string()),
         ("CRATERE_INDEX", dir.path().join("i").display().to_string()),

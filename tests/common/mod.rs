@@ -589,3 +589,56 @@ pub fn init_test_log() {
 pub async fn body_of(resp: reqwest::Response) -> Result<Bytes, reqwest::Error> {
     resp.bytes().await
 }
+
+/// A running `cratere` binary whose stderr is collected in the background.
+pub struct Running {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+pub fn spawn_server(envs: &[(&str, String)]) -> Running {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cratere"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CRATERE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("CRATERE_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let line = line.unwrap();
+            if let Some(rest) = line.split("listen").nth(1) {
+                let addr: String = rest
+                    .trim_start_matches(['=', '"', ':'])
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
+                let _ = tx.send(addr);
+            }
+            l.lock().unwrap().push(line);
+        }
+    });
+    let addr = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("server announced its address");
+    Running { child, addr, log }
+}
+
+impl Running {
+    /// kill -9.
+    pub fn kill_hard(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
