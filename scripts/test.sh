@@ -9,6 +9,8 @@ command -v git >/dev/null || need_apt+=(git)
 command -v curl >/dev/null || need_apt+=(curl)
 # The status page test renders the page in headless Chromium.
 command -v chromium >/dev/null || need_apt+=(chromium)
+# The load test drives the server with wrk.
+command -v wrk >/dev/null || need_apt+=(wrk)
 if ((${#need_apt[@]})); then
     echo "installing: ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
