@@ -7,6 +7,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use tempfile::NamedTempFile;
 
@@ -94,6 +95,11 @@ impl FsStore {
         }
     }
 
+    /// Every stored file (not the temp files being written), in no particular order.
+    pub fn list(&self) -> io::Result<Vec<StoredFile>> {
+        list_files(&self.root)
+    }
+
     /// Opens `key` for reading, `None` when absent.
     pub async fn open_read(&self, key: &str) -> io::Result<Option<(tokio::fs::File, u64)>> {
         match tokio::fs::File::open(self.path(key)).await {
@@ -105,6 +111,60 @@ impl FsStore {
             Err(e) => Err(e),
         }
     }
+}
+
+/// A file found by [`list_files`].
+#[derive(Debug, Clone)]
+pub struct StoredFile {
+    /// Path relative to the listed root, `/`-separated.
+    pub rel: String,
+    pub len: u64,
+    pub modified: SystemTime,
+}
+
+/// Lists the regular files under `root`, skipping every entry whose name starts with `.`
+/// (the `.tmp/` directory of files being written, marker and lock files). Files or directories
+/// that vanish during the walk (another process removing them) are skipped, not errors; a
+/// missing `root` has no files.
+pub fn list_files(root: &Path) -> io::Result<Vec<StoredFile>> {
+    let mut out = Vec::new();
+    let mut dirs = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, prefix)) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            let rel = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if meta.is_dir() {
+                dirs.push((entry.path(), rel));
+            } else if meta.is_file() {
+                out.push(StoredFile {
+                    rel,
+                    len: meta.len(),
+                    modified: meta.modified()?,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -124,6 +184,9 @@ mod tests {
             std::fs::read(store.path("se/rd/serde/x.crate")).unwrap(),
             b"hello"
         );
+        let listed = store.list().unwrap();
+        assert_eq!(listed.len(), 1, "temp dir is not listed: {listed:?}");
+        assert_eq!((listed[0].rel.as_str(), listed[0].len), ("se/rd/serde/x.crate", 5));
         store.remove("se/rd/serde/x.crate").unwrap();
         store.remove("se/rd/serde/x.crate").unwrap();
         assert!(!store.path("se/rd/serde/x.crate").exists());
