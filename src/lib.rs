@@ -11,11 +11,17 @@
 //! - [`sparse`]: sparse index routes and the proxy's own config.json.
 //! - [`downloads`]: the crate route: hits, coalesced streaming misses, verification.
 //! - [`jobs`]: cron schedules and the helper that runs background jobs on them.
+//! - [`clock`]: the wall clock, injectable so tests control time.
+//! - [`usage`]: last use of every cached file, recorded in batches.
+//! - [`cleanup`]: removes unused files and keeps the cache under its size cap.
+//! - [`warm`]: fills the cache from Cargo.lock files (`cratere warm`).
 //! - [`singleflight`]: one computation for concurrent callers of one key.
 //! - [`metrics`]: Prometheus metrics owned by the app.
 //! - [`error`]: the HTTP-edge error type.
 
 pub mod app;
+pub mod cleanup;
+pub mod clock;
 pub mod config;
 pub mod downloads;
 pub mod error;
@@ -27,3 +33,5 @@ pub mod singleflight;
 pub mod sparse;
 pub mod storage;
 pub mod upstream;
+pub mod usage;
+pub mod warm;
