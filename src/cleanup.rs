@@ -470,10 +470,18 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         r.duration.as_secs_f64(),
         r.crate_files_kept,
         bytesize::ByteSize(r.crate_bytes_kept),
-        if args.dry_run { "would remain" } else { "remain" },
+        if args.dry_run {
+            "would remain"
+        } else {
+            "remain"
+        },
     );
     if r.skipped_in_use > 0 {
-        let _ = writeln!(out, "{} files kept: used during the cleanup", r.skipped_in_use);
+        let _ = writeln!(
+            out,
+            "{} files kept: used during the cleanup",
+            r.skipped_in_use
+        );
     }
     print!("{out}");
     if r.errors > 0 {
@@ -535,7 +543,12 @@ mod tests {
 
         /// A crate file of `size` bytes, last used now.
         fn put(&self, name: &str, size: usize) -> String {
-            let rel = format!("{}/{name}-1.0.0.crate", name.parse::<crate::names::CrateName>().unwrap().index_path());
+            let rel = format!(
+                "{}/{name}-1.0.0.crate",
+                name.parse::<crate::names::CrateName>()
+                    .unwrap()
+                    .index_path()
+            );
             let path = self.dir.path().join("crates").join(&rel);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, vec![0u8; size]).unwrap();
@@ -553,7 +566,11 @@ mod tests {
         }
 
         async fn run(&self, c: &Arc<Cleanup>, dry_run: bool) -> Pass {
-            match c.run_once(dry_run, &CancellationToken::new()).await.unwrap() {
+            match c
+                .run_once(dry_run, &CancellationToken::new())
+                .await
+                .unwrap()
+            {
                 Outcome::Done(p) => p,
                 Outcome::Busy => panic!("busy"),
             }

@@ -446,10 +446,7 @@ mod tests {
         assert_eq!(c.cache, PathBuf::from("./data/crates"));
         assert!(c.alternate_hosts.0.is_empty());
         assert!(!c.git_index);
-        assert_eq!(
-            c.cleanup_cache_schedule.0.unwrap().to_string(),
-            "0 3 * * *"
-        );
+        assert_eq!(c.cleanup_cache_schedule.0.unwrap().to_string(), "0 3 * * *");
         assert_eq!(c.max_unused, Duration::from_secs(90 * 86_400));
         assert_eq!(c.max_cache_size, None);
     }
@@ -477,14 +474,9 @@ mod tests {
 
     #[test]
     fn subcommands_take_the_same_options() {
-        let cli = Cli::try_parse_args([
-            "cratere",
-            "cleanup",
-            "--dry-run",
-            "--max-days-unused",
-            "7",
-        ])
-        .unwrap();
+        let cli =
+            Cli::try_parse_args(["cratere", "cleanup", "--dry-run", "--max-days-unused", "7"])
+                .unwrap();
         let Some(Command::Cleanup(a)) = cli.command else {
             panic!("not cleanup")
         };
@@ -495,7 +487,10 @@ mod tests {
         let Some(Command::Warm(a)) = cli.command else {
             panic!("not warm")
         };
-        assert_eq!(a.lockfiles, [PathBuf::from("a/Cargo.lock"), "b.lock".into()]);
+        assert_eq!(
+            a.lockfiles,
+            [PathBuf::from("a/Cargo.lock"), "b.lock".into()]
+        );
         assert_eq!(a.jobs, 4);
         assert!(Cli::try_parse_args(["cratere", "warm"]).is_err());
     }
@@ -570,7 +565,10 @@ mod tests {
             (&["--max-days-unused", "0"][..], "CRATERE_MAX_DAYS_UNUSED"),
             (&["--max-days-unused=-1"][..], "CRATERE_MAX_DAYS_UNUSED"),
             (&["--max-days-unused", "NaN"][..], "CRATERE_MAX_DAYS_UNUSED"),
-            (&["--max-days-unused", "1e300"][..], "CRATERE_MAX_DAYS_UNUSED"),
+            (
+                &["--max-days-unused", "1e300"][..],
+                "CRATERE_MAX_DAYS_UNUSED",
+            ),
             (&["--max-cache-size", "lots"][..], "CRATERE_MAX_CACHE_SIZE"),
             (&["--max-cache-size", "0"][..], "CRATERE_MAX_CACHE_SIZE"),
             (

@@ -186,7 +186,10 @@ mod tests {
         );
         let listed = store.list().unwrap();
         assert_eq!(listed.len(), 1, "temp dir is not listed: {listed:?}");
-        assert_eq!((listed[0].rel.as_str(), listed[0].len), ("se/rd/serde/x.crate", 5));
+        assert_eq!(
+            (listed[0].rel.as_str(), listed[0].len),
+            ("se/rd/serde/x.crate", 5)
+        );
         store.remove("se/rd/serde/x.crate").unwrap();
         store.remove("se/rd/serde/x.crate").unwrap();
         assert!(!store.path("se/rd/serde/x.crate").exists());

@@ -97,8 +97,7 @@ impl Usage {
         let now = self.clock.now();
         let mut n = 0;
         for f in crate::storage::list_files(&self.crates_root)? {
-            if f.rel.ends_with(".crate") && set_mtime(&self.crates_root.join(&f.rel), now, false)?
-            {
+            if f.rel.ends_with(".crate") && set_mtime(&self.crates_root.join(&f.rel), now, false)? {
                 n += 1;
             }
         }
@@ -308,6 +307,37 @@ mod tests {
         usage.record_index(&path);
         usage.flush().await;
         assert_eq!(usage.index_last_use("3/r/ryu").unwrap(), Some(later));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_flusher_writes_every_interval_and_at_shutdown() {
+        let (dir, clock, usage) = setup();
+        let usage = Arc::new(usage);
+        let key = CrateKey::new(&"ryu".parse().unwrap(), &"1.0.0".parse().unwrap());
+        let file = dir.path().join("crates").join(key.as_relative());
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, b"x").unwrap();
+        let (tracker, token) = (TaskTracker::new(), CancellationToken::new());
+        spawn_flusher(usage.clone(), &tracker, token.clone());
+        tracker.close();
+
+        clock.advance(days(1.0));
+        usage.record_crate(&key);
+        tokio::time::sleep(FLUSH_INTERVAL + Duration::from_millis(10)).await;
+        // The write itself runs on the blocking pool, in real time.
+        for _ in 0..200 {
+            if mtime(&file) == clock.now() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(mtime(&file), clock.now(), "written within one interval");
+
+        clock.advance(days(1.0));
+        usage.record_crate(&key);
+        token.cancel();
+        tracker.wait().await;
+        assert_eq!(mtime(&file), clock.now(), "written at shutdown");
     }
 
     #[tokio::test]

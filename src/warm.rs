@@ -294,8 +294,8 @@ pub async fn command(args: WarmArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn read_lockfile(path: &PathBuf) -> anyhow::Result<Lockfile> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     parse_lockfile(&text).with_context(|| format!("{}", path.display()))
 }
 
