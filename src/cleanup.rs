@@ -276,8 +276,14 @@ impl Cleanup {
                         continue;
                     }
                 }
-                if let Err(e) = std::fs::remove_file(&path) {
-                    if e.kind() != io::ErrorKind::NotFound {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        kept_files -= 1;
+                        kept_bytes -= f.len;
+                        continue;
+                    }
+                    Err(e) => {
                         report.errors += 1;
                         tracing::warn!(path = %path.display(), error = %e, "cannot remove a crate file");
                         continue;
