@@ -12,6 +12,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cleanup::{Cleanup, Rules};
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::downloads::Downloads;
 use crate::index_cache::IndexCache;
@@ -21,6 +23,7 @@ use crate::search::Search;
 use crate::sparse::PublicHosts;
 use crate::storage::FsStore;
 use crate::upstream::Upstream;
+use crate::usage::Usage;
 
 /// Everything handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -31,17 +34,36 @@ pub struct AppState {
     pub downloads: Arc<Downloads>,
     pub search: Arc<Search>,
     pub metrics: Arc<Metrics>,
+    /// Last-use records of cached files.
+    pub usage: Arc<Usage>,
+    /// The cache cleanup, with the report of its last pass.
+    pub cleanup: Arc<Cleanup>,
 }
 
 impl AppState {
-    /// Opens the stores (creating directories, clearing abandoned temp files) and builds the
-    /// upstream client.
+    /// Opens the stores (creating directories, clearing abandoned temp files, adopting files
+    /// that have no usage record yet) and builds the upstream client.
     pub fn new(config: Config) -> anyhow::Result<AppState> {
+        AppState::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// [`AppState::new`] with the clock that usage records and cleanups read (tests move it).
+    pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
         let crates = FsStore::open(&config.cache)
             .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
         let sparse_dir = config.index.join("sparse");
         let index_store = FsStore::open(&sparse_dir)
             .with_context(|| format!("CRATERE_INDEX={}", config.index.display()))?;
+        let usage = Arc::new(Usage::new(crates.root(), index_store.root(), clock));
+        usage
+            .adopt_untracked()
+            .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
+        let cleanup = Arc::new(Cleanup::new(
+            crates.root(),
+            index_store.root(),
+            usage.clone(),
+            Rules::from_config(&config),
+        ));
         let metrics = Arc::new(Metrics::new());
         let upstream =
             Upstream::new(&config, metrics.clone()).context("building the upstream HTTP client")?;
@@ -50,6 +72,7 @@ impl AppState {
             upstream.clone(),
             config.index_ttl,
             metrics.clone(),
+            usage.clone(),
         ));
         let search = Arc::new(Search::new(
             upstream.clone(),
@@ -64,6 +87,7 @@ impl AppState {
             upstream,
             config.upstream_dl.clone(),
             metrics.clone(),
+            usage.clone(),
         ));
         Ok(AppState {
             hosts: Arc::new(PublicHosts::new(&config)),
@@ -72,6 +96,8 @@ impl AppState {
             downloads,
             search,
             metrics,
+            usage,
+            cleanup,
         })
     }
 }
@@ -214,6 +240,34 @@ fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken
             }
         },
     );
+
+    crate::usage::spawn_flusher(state.usage.clone(), jobs, shutdown.clone());
+    if let Some(schedule) = state.config.cleanup_cache_schedule.0.clone() {
+        let (cleanup, stop) = (state.cleanup.clone(), shutdown.clone());
+        crate::jobs::spawn_scheduled(
+            jobs,
+            shutdown.clone(),
+            "cleanup",
+            schedule,
+            FirstRun::OnSchedule,
+            move || {
+                let (cleanup, stop) = (cleanup.clone(), stop.clone());
+                async move { cleanup.run_once(false, &stop).await.map(|_| ()) }
+            },
+        );
+    }
+}
+
+/// Runs the command the command line asked for.
+pub async fn dispatch(cli: crate::config::Cli) -> anyhow::Result<std::process::ExitCode> {
+    use crate::config::Command;
+    use std::process::ExitCode;
+    match cli.command {
+        None => serve(cli.config).await.map(|()| ExitCode::SUCCESS),
+        Some(Command::Serve(config)) => serve(config).await.map(|()| ExitCode::SUCCESS),
+        Some(Command::Cleanup(args)) => crate::cleanup::command(args).await,
+        Some(Command::Warm(args)) => crate::warm::command(args).await,
+    }
 }
 
 /// The `serve` command: bind, run, stop on SIGINT or SIGTERM.

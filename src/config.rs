@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use url::Url;
 
+use crate::jobs::Schedule;
+
 /// A caching proxy for crates.io: sparse index, crate downloads.
 #[derive(Debug, Parser)]
 #[command(
@@ -28,6 +30,35 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy server (the default when no subcommand is given).
     Serve(Config),
+    /// Run one cache cleanup now with the configured rules (CRATERE_MAX_DAYS_UNUSED,
+    /// CRATERE_MAX_CACHE_SIZE) and print what it removes. Safe while a server runs on the same
+    /// directories.
+    Cleanup(CleanupArgs),
+    /// Fetch every crates.io package of the given Cargo.lock files, and their index files,
+    /// into the cache, so that the proxy can serve those projects with no upstream at all.
+    /// Safe while a server runs on the same directories.
+    Warm(WarmArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    /// Print what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WarmArgs {
+    /// Cargo.lock files to warm the cache for.
+    #[arg(required = true, value_name = "CARGO_LOCK")]
+    pub lockfiles: Vec<PathBuf>,
+    /// Most packages fetched at once.
+    #[arg(long, default_value = "16", value_parser = parse_nonzero)]
+    pub jobs: usize,
+    #[command(flatten)]
+    pub config: Config,
 }
 
 impl Cli {
@@ -57,10 +88,12 @@ impl Cli {
         Cli::from_arg_matches(&matches).map_err(|e| name_the_variable(&cmd, e))
     }
 
-    /// The server configuration, whichever way it was given.
+    /// The configuration, whichever way and for whichever command it was given.
     pub fn into_config(self) -> Config {
         match self.command {
             Some(Command::Serve(c)) => c,
+            Some(Command::Cleanup(a)) => a.config,
+            Some(Command::Warm(a)) => a.config,
             None => self.config,
         }
     }
@@ -237,6 +270,41 @@ fn parse_dl_template(s: &str) -> Result<String, String> {
     Ok(s.trim_end_matches('/').to_string())
 }
 
+/// `CRATERE_CLEANUP_CACHE_SCHEDULE`: a cron schedule, or `off`.
+#[derive(Debug, Clone)]
+pub struct CleanupSchedule(pub Option<Schedule>);
+
+fn parse_cleanup_schedule(s: &str) -> Result<CleanupSchedule, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(CleanupSchedule(None));
+    }
+    s.parse().map(|s| CleanupSchedule(Some(s)))
+}
+
+/// Days as a duration; fractions are allowed (`0.5` is 12 hours).
+fn parse_days(s: &str) -> Result<Duration, String> {
+    let days: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number of days like 90 or 0.5, got `{s}`"))?;
+    if days.is_nan() || days <= 0.0 {
+        return Err("must be more than 0 days".into());
+    }
+    Duration::try_from_secs_f64(days * 86_400.0).map_err(|_| format!("{days} days is too long"))
+}
+
+/// A byte size like `50GiB`, `500MB` or `1073741824`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let size: bytesize::ByteSize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("expected a size like 50GiB or 500MB: {e}"))?;
+    if size.as_u64() == 0 {
+        return Err("must be more than 0 bytes".into());
+    }
+    Ok(size.as_u64())
+}
+
 fn parse_nonzero(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
@@ -366,6 +434,22 @@ pub struct Config {
     #[arg(long, env = "CRATERE_SHUTDOWN_GRACE", default_value = "30s",
           value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// When the server cleans the cache: cron, 5 fields (min hour dom mon dow) or 6 with
+    /// leading seconds, in UTC; `off` for never (`cratere cleanup` still works).
+    #[arg(long, env = "CRATERE_CLEANUP_CACHE_SCHEDULE", default_value = "0 3 * * *",
+          value_parser = parse_cleanup_schedule)]
+    pub cleanup_cache_schedule: CleanupSchedule,
+
+    /// Crate and index files not used for this many days are removed by a cleanup
+    /// (fractions allowed, e.g. 0.5).
+    #[arg(long = "max-days-unused", env = "CRATERE_MAX_DAYS_UNUSED", default_value = "90",
+          value_name = "DAYS", value_parser = parse_days)]
+    pub max_unused: Duration,
+
+    /// Most bytes of crate files to keep: after removing unused files, a cleanup removes the
+    /// least recently used ones until the rest fits (e.g. 50GiB, 500MB) [default: no limit].
+    #[arg(long, env = "CRATERE_MAX_CACHE_SIZE", value_name = "SIZE", value_parser = parse_size)]
+    pub max_cache_size: Option<u64>,
 }
 
 impl Config {
@@ -423,6 +507,53 @@ mod tests {
         assert_eq!(c.cache, PathBuf::from("./data/crates"));
         assert!(c.alternate_hosts.0.is_empty());
         assert!(!c.git_index);
+        assert_eq!(c.cleanup_cache_schedule.0.unwrap().to_string(), "0 3 * * *");
+        assert_eq!(c.max_unused, Duration::from_secs(90 * 86_400));
+        assert_eq!(c.max_cache_size, None);
+    }
+
+    #[test]
+    fn lifecycle_settings() {
+        let c = parse(&[
+            "--cleanup-cache-schedule",
+            "*/5 * * * * *",
+            "--max-days-unused",
+            "0.0002",
+            "--max-cache-size",
+            "50GiB",
+        ])
+        .unwrap();
+        assert!(c.cleanup_cache_schedule.0.is_some());
+        assert_eq!(c.max_unused.as_millis(), 17_280);
+        assert_eq!(c.max_cache_size, Some(50 << 30));
+        let c = parse(&["--max-cache-size", "500MB", "--max-days-unused", "1.5"]).unwrap();
+        assert_eq!(c.max_cache_size, Some(500_000_000));
+        assert_eq!(c.max_unused, Duration::from_secs(36 * 3600));
+        let c = parse(&["--cleanup-cache-schedule", "off"]).unwrap();
+        assert!(c.cleanup_cache_schedule.0.is_none());
+    }
+
+    #[test]
+    fn subcommands_take_the_same_options() {
+        let cli =
+            Cli::try_parse_args(["cratere", "cleanup", "--dry-run", "--max-days-unused", "7"])
+                .unwrap();
+        let Some(Command::Cleanup(a)) = cli.command else {
+            panic!("not cleanup")
+        };
+        assert!(a.dry_run);
+        assert_eq!(a.config.max_unused, Duration::from_secs(7 * 86_400));
+        let cli = Cli::try_parse_args(["cratere", "warm", "a/Cargo.lock", "b.lock", "--jobs", "4"])
+            .unwrap();
+        let Some(Command::Warm(a)) = cli.command else {
+            panic!("not warm")
+        };
+        assert_eq!(
+            a.lockfiles,
+            [PathBuf::from("a/Cargo.lock"), "b.lock".into()]
+        );
+        assert_eq!(a.jobs, 4);
+        assert!(Cli::try_parse_args(["cratere", "warm"]).is_err());
     }
 
     #[test]
@@ -487,6 +618,27 @@ mod tests {
             (
                 &["--upstream-concurrency", "0"][..],
                 "CRATERE_UPSTREAM_CONCURRENCY",
+            ),
+            (
+                &["--cleanup-cache-schedule", "daily"][..],
+                "CRATERE_CLEANUP_CACHE_SCHEDULE",
+            ),
+            (&["--max-days-unused", "0"][..], "CRATERE_MAX_DAYS_UNUSED"),
+            (&["--max-days-unused=-1"][..], "CRATERE_MAX_DAYS_UNUSED"),
+            (&["--max-days-unused", "NaN"][..], "CRATERE_MAX_DAYS_UNUSED"),
+            (
+                &["--max-days-unused", "1e300"][..],
+                "CRATERE_MAX_DAYS_UNUSED",
+            ),
+            (&["--max-cache-size", "lots"][..], "CRATERE_MAX_CACHE_SIZE"),
+            (&["--max-cache-size", "0"][..], "CRATERE_MAX_CACHE_SIZE"),
+            (
+                &["cleanup", "--max-cache-size", "10XB"][..],
+                "CRATERE_MAX_CACHE_SIZE",
+            ),
+            (
+                &["warm", "x.lock", "--max-days-unused", "soon"][..],
+                "CRATERE_MAX_DAYS_UNUSED",
             ),
         ] {
             let err = parse(args).unwrap_err();

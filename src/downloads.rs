@@ -29,6 +29,7 @@ use crate::names::{CrateKey, CrateName, Version};
 use crate::sparse::CACHE_HEADER;
 use crate::storage::FsStore;
 use crate::upstream::{Upstream, UpstreamError, crate_url};
+use crate::usage::Usage;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/crates/{crate}/{version}/download", get(download))
@@ -144,6 +145,14 @@ pub struct Download {
     pub hit: bool,
 }
 
+/// A crate file that [`Downloads::ensure_cached`] made sure is in the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Cached {
+    /// True when it was fetched from upstream now, false when it was cached already.
+    pub fetched: bool,
+    pub len: u64,
+}
+
 pub struct Downloads {
     store: FsStore,
     index: Arc<IndexCache>,
@@ -151,6 +160,8 @@ pub struct Downloads {
     /// `CRATERE_UPSTREAM_DL`; when unset, upstream's config.json says.
     dl_override: Option<String>,
     metrics: Arc<Metrics>,
+    /// Every hit and every stored miss is recorded as a use (for cleanup).
+    usage: Arc<Usage>,
     inflight: Arc<Mutex<HashMap<CrateKey, Arc<Flight>>>>,
 }
 
@@ -161,6 +172,7 @@ impl Downloads {
         upstream: Upstream,
         dl_override: Option<String>,
         metrics: Arc<Metrics>,
+        usage: Arc<Usage>,
     ) -> Downloads {
         Downloads {
             store,
@@ -168,6 +180,7 @@ impl Downloads {
             upstream,
             dl_override,
             metrics,
+            usage,
             inflight: Arc::default(),
         }
     }
@@ -190,6 +203,7 @@ impl Downloads {
         // finishing), read it from the cache.
         for _ in 0..2 {
             if let Some((file, len)) = self.store.open_read(&key.as_relative()).await? {
+                self.usage.record_crate(&key);
                 return Ok(Download {
                     body: file_body(file),
                     len: Some(len),
@@ -215,6 +229,46 @@ impl Downloads {
                 len: total,
                 hit: false,
             });
+        }
+        Err(AppError::Internal(anyhow::anyhow!(
+            "crate file vanished right after it was stored"
+        )))
+    }
+
+    /// Makes sure a crate file is in the cache, fetching it (verified, coalesced with any
+    /// download of it already running) if it is not; waits until it is stored. Counts as a use.
+    pub async fn ensure_cached(
+        self: &Arc<Self>,
+        name: &CrateName,
+        version: &Version,
+    ) -> Result<Cached, AppError> {
+        let key = CrateKey::new(name, version);
+        for _ in 0..2 {
+            if let Some((_, len)) = self.store.open_read(&key.as_relative()).await? {
+                self.usage.record_crate(&key);
+                return Ok(Cached {
+                    fetched: false,
+                    len,
+                });
+            }
+            let flight = self.join_or_start(&key, name)?;
+            let mut rx = flight.state.subscribe();
+            let state = rx
+                .wait_for(|s| {
+                    matches!(
+                        s,
+                        Progress::Done { .. } | Progress::AlreadyCached | Progress::Failed(_)
+                    )
+                })
+                .await
+                .map_err(|_| AppError::Internal(anyhow::anyhow!("download task vanished")))?
+                .clone();
+            match state {
+                Progress::AlreadyCached => continue,
+                Progress::Failed(f) => return Err(f.into()),
+                Progress::Done { len } => return Ok(Cached { fetched: true, len }),
+                Progress::Starting | Progress::Streaming { .. } => unreachable!(),
+            }
         }
         Err(AppError::Internal(anyhow::anyhow!(
             "crate file vanished right after it was stored"
@@ -252,8 +306,12 @@ impl Downloads {
         tokio::spawn(async move {
             let end = this.fetch(&k, &requested, tmp, &f).await;
             this.metrics.download_ended();
-            if let Err(fail) = &end {
-                tracing::warn!(krate = %k.as_relative(), error = ?fail, "download failed");
+            match &end {
+                Err(fail) => {
+                    tracing::warn!(krate = %k.as_relative(), error = ?fail, "download failed");
+                }
+                Ok(Progress::Done { .. }) => this.usage.record_crate(&k),
+                Ok(_) => {}
             }
             // Leave the map before telling the waiters, so that a retry after a failure
             // starts a fresh fetch, and after success finds the file in the cache.
@@ -425,7 +483,7 @@ impl Downloads {
 
 /// Finds the index line of `version` and returns the crate's canonical name and its cksum.
 /// Only the three fields needed are parsed; the line itself is never re-serialized.
-fn find_version(
+pub(crate) fn find_version(
     index: &[u8],
     requested: &CrateName,
     version: &Version,

@@ -19,6 +19,7 @@ use crate::names::IndexPath;
 use crate::singleflight::SingleFlight;
 use crate::storage::FsStore;
 use crate::upstream::{IndexFetch, Upstream, UpstreamError, Validators};
+use crate::usage::Usage;
 
 /// What the cache holds: a crate's index file or upstream's config.json.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -88,6 +89,9 @@ pub struct IndexCache {
     upstream: Upstream,
     ttl: Duration,
     metrics: Arc<Metrics>,
+    /// Every crate index file served is recorded as a use (for cleanup); the file's mtime
+    /// means "last confirmed upstream" and is not touched by a use.
+    usage: Arc<Usage>,
     flights: SingleFlight<IndexKey, Result<Refreshed, UpstreamError>>,
 }
 
@@ -97,12 +101,14 @@ impl IndexCache {
         upstream: Upstream,
         ttl: Duration,
         metrics: Arc<Metrics>,
+        usage: Arc<Usage>,
     ) -> IndexCache {
         IndexCache {
             store,
             upstream,
             ttl,
             metrics,
+            usage,
             flights: SingleFlight::default(),
         }
     }
@@ -117,8 +123,21 @@ impl IndexCache {
     }
 
     /// Looks up an index file. `Ok(None)`: upstream says it does not exist. `Err`: upstream
-    /// failed and nothing is cached. `force` revalidates even a fresh copy.
+    /// failed and nothing is cached. `force` revalidates even a fresh copy. A crate's index
+    /// file that is returned counts as used.
     pub async fn get(
+        &self,
+        key: &IndexKey,
+        force: bool,
+    ) -> Result<Option<(Entry, Served)>, UpstreamError> {
+        let res = self.lookup(key, force).await;
+        if let (Ok(Some(_)), IndexKey::Crate(path)) = (&res, key) {
+            self.usage.record_index(path);
+        }
+        res
+    }
+
+    async fn lookup(
         &self,
         key: &IndexKey,
         force: bool,

@@ -13,6 +13,10 @@
 //! - [`jobs`]: cron schedules and the helper that runs background jobs on them.
 //! - [`search`]: `cargo search` relayed upstream (rate-limited, cached) or answered locally.
 //! - [`server`]: the accept loop: hyper with header limits, timeouts and graceful drain.
+//! - [`clock`]: the wall clock, injectable so tests control time.
+//! - [`usage`]: last use of every cached file, recorded in batches.
+//! - [`cleanup`]: removes unused files and keeps the cache under its size cap.
+//! - [`warm`]: fills the cache from Cargo.lock files (`cratere warm`).
 //! - [`singleflight`]: one computation for concurrent callers of one key.
 //! - [`metrics`]: Prometheus metrics owned by the app.
 //! - [`error`]: the HTTP-edge error type.
@@ -20,6 +24,8 @@
 //! - [`telemetry`]: logging setup and the access log.
 
 pub mod app;
+pub mod cleanup;
+pub mod clock;
 pub mod config;
 pub mod downloads;
 pub mod error;
@@ -35,3 +41,5 @@ pub mod status;
 pub mod storage;
 pub mod telemetry;
 pub mod upstream;
+pub mod usage;
+pub mod warm;

@@ -2,14 +2,21 @@
 
 use std::process::ExitCode;
 
-use cratere::config::Cli;
+use cratere::config::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Cli::parse_or_exit().into_config();
-    cratere::telemetry::init(config.log_format);
-    match cratere::app::serve(config).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = Cli::parse_or_exit();
+    // The one-shot commands print their own report; their log only says what went wrong.
+    let (format, default_filter) = match &cli.command {
+        None => (cli.config.log_format, "info"),
+        Some(Command::Serve(c)) => (c.log_format, "info"),
+        Some(Command::Cleanup(a)) => (a.config.log_format, "warn"),
+        Some(Command::Warm(a)) => (a.config.log_format, "warn"),
+    };
+    cratere::telemetry::init(format, default_filter);
+    match cratere::app::dispatch(cli).await {
+        Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use tempfile::NamedTempFile;
 
@@ -94,26 +95,15 @@ impl FsStore {
         }
     }
 
-    /// Number and total size of the files in the store with the given extension (temp files
-    /// excluded). Blocking: a walk of the whole tree, for background jobs only.
+    /// Number and total size of the stored files with the given extension (temp files and
+    /// dot-files excluded). Blocking: a walk of the whole tree, for background jobs only.
     pub fn usage(&self, extension: &str) -> io::Result<(u64, u64)> {
-        let (mut files, mut bytes) = (0, 0);
-        let mut dirs = vec![self.root.clone()];
-        while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir)? {
-                let entry = entry?;
-                let ft = entry.file_type()?;
-                if ft.is_dir() {
-                    if entry.file_name() != TMP_DIR {
-                        dirs.push(entry.path());
-                    }
-                } else if ft.is_file() && entry.path().extension().is_some_and(|e| e == extension) {
-                    files += 1;
-                    bytes += entry.metadata()?.len();
-                }
-            }
-        }
-        Ok((files, bytes))
+        let suffix = format!(".{extension}");
+        Ok(self
+            .list()?
+            .iter()
+            .filter(|f| f.rel.ends_with(&suffix))
+            .fold((0, 0), |(n, b), f| (n + 1, b + f.len)))
     }
 
     /// Whether a file can be created in the store (for readiness).
@@ -122,6 +112,11 @@ impl FsStore {
         let mut f = self.temp_file()?;
         f.write_all(b"ready")?;
         f.as_file().sync_data()
+    }
+
+    /// Every stored file (not the temp files being written), in no particular order.
+    pub fn list(&self) -> io::Result<Vec<StoredFile>> {
+        list_files(&self.root)
     }
 
     /// Opens `key` for reading, `None` when absent.
@@ -135,6 +130,60 @@ impl FsStore {
             Err(e) => Err(e),
         }
     }
+}
+
+/// A file found by [`list_files`].
+#[derive(Debug, Clone)]
+pub struct StoredFile {
+    /// Path relative to the listed root, `/`-separated.
+    pub rel: String,
+    pub len: u64,
+    pub modified: SystemTime,
+}
+
+/// Lists the regular files under `root`, skipping every entry whose name starts with `.`
+/// (the `.tmp/` directory of files being written, marker and lock files). Files or directories
+/// that vanish during the walk (another process removing them) are skipped, not errors; a
+/// missing `root` has no files.
+pub fn list_files(root: &Path) -> io::Result<Vec<StoredFile>> {
+    let mut out = Vec::new();
+    let mut dirs = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, prefix)) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            let rel = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if meta.is_dir() {
+                dirs.push((entry.path(), rel));
+            } else if meta.is_file() {
+                out.push(StoredFile {
+                    rel,
+                    len: meta.len(),
+                    modified: meta.modified()?,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -153,6 +202,12 @@ mod tests {
         assert_eq!(
             std::fs::read(store.path("se/rd/serde/x.crate")).unwrap(),
             b"hello"
+        );
+        let listed = store.list().unwrap();
+        assert_eq!(listed.len(), 1, "temp dir is not listed: {listed:?}");
+        assert_eq!(
+            (listed[0].rel.as_str(), listed[0].len),
+            ("se/rd/serde/x.crate", 5)
         );
         store.remove("se/rd/serde/x.crate").unwrap();
         store.remove("se/rd/serde/x.crate").unwrap();

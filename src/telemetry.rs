@@ -19,10 +19,10 @@ use crate::config::LogFormat;
 use crate::metrics::Metrics;
 use crate::sparse::CACHE_HEADER;
 
-/// Installs the global subscriber. `RUST_LOG` filters (default `info`).
-pub fn init(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+/// Installs the global subscriber. `RUST_LOG` filters (default `default_filter`).
+pub fn init(format: LogFormat, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -4,148 +4,19 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
-use bytes::Bytes;
+use common::cargo::{cargo, cargo_home, package_crates, publish_packaged, write_app_project};
 use common::{FakeUpstream, Proxy};
-
-fn write(path: &Path, content: &str) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, content).unwrap();
-}
-
-/// Packages `alpha 0.1.0`, `beta 0.2.0` (depends on alpha) and `Mixed_Case 1.0.0` with
-/// `cargo package`, offline.
-fn package_crates(root: &Path) -> Vec<(String, String, Bytes)> {
-    write(
-        &root.join("Cargo.toml"),
-        "[workspace]\nmembers = [\"alpha\", \"beta\", \"mixed\"]\nresolver = \"2\"\n",
-    );
-    let manifest = |name: &str, version: &str, deps: &str| {
-        format!(
-            "[package]\nname = \"{name}\"\nversion = \"{version}\"\nedition = \"2021\"\n\
-             description = \"test crate\"\nlicense = \"MIT\"\n\n[dependencies]\n{deps}"
-        )
-    };
-    write(
-        &root.join("alpha/Cargo.toml"),
-        &manifest("alpha", "0.1.0", ""),
-    );
-    write(
-        &root.join("alpha/src/lib.rs"),
-        "pub fn one() -> u32 { 1 }\n",
-    );
-    write(
-        &root.join("beta/Cargo.toml"),
-        &manifest(
-            "beta",
-            "0.2.0",
-            "alpha = { version = \"0.1\", path = \"../alpha\" }\n",
-        ),
-    );
-    write(
-        &root.join("beta/src/lib.rs"),
-        "pub fn two() -> u32 { alpha::one() + 1 }\n",
-    );
-    write(
-        &root.join("mixed/Cargo.toml"),
-        &manifest("Mixed_Case", "1.0.0", ""),
-    );
-    write(
-        &root.join("mixed/src/lib.rs"),
-        "pub fn three() -> u32 { 3 }\n",
-    );
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "package",
-            "--workspace",
-            "--no-verify",
-            "--allow-dirty",
-            "--offline",
-        ])
-        .current_dir(root)
-        .env("CARGO_HOME", root.join("cargo-home"))
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    [
-        ("alpha", "0.1.0"),
-        ("beta", "0.2.0"),
-        ("Mixed_Case", "1.0.0"),
-    ]
-    .iter()
-    .map(|(n, v)| {
-        let file = root.join(format!("target/package/{n}-{v}.crate"));
-        (
-            n.to_string(),
-            v.to_string(),
-            Bytes::from(std::fs::read(file).unwrap()),
-        )
-    })
-    .collect()
-}
-
-fn dep(name: &str, req: &str) -> String {
-    format!(
-        r#"[{{"name": "{name}", "req": "{req}", "features": [], "optional": false, "default_features": true, "target": null, "kind": "normal"}}]"#
-    )
-}
-
-/// A fresh CARGO_HOME whose crates.io source is replaced by the proxy.
-fn cargo_home(dir: &Path, proxy_url: &str) -> std::path::PathBuf {
-    let home = dir.to_path_buf();
-    write(
-        &home.join("config.toml"),
-        &format!(
-            "[source.crates-io]\nreplace-with = \"cratere\"\n\n[source.cratere]\n\
-             registry = \"sparse+{proxy_url}/index/\"\n\n[net]\nretry = 0\n"
-        ),
-    );
-    home
-}
-
-fn cargo(project: &Path, home: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO"))
-        .args(args)
-        .current_dir(project)
-        .env("CARGO_HOME", home)
-        .env("CARGO_TARGET_DIR", project.join("target"))
-        .env_remove("CARGO_REGISTRIES_CRATES_IO_PROTOCOL")
-        .env("CARGO_HTTP_TIMEOUT", "20")
-        .output()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cargo_fetches_and_builds_through_the_proxy_and_again_with_upstream_down() {
     let work = tempfile::tempdir().unwrap();
     let crates = package_crates(&work.path().join("src-crates"));
     let up = FakeUpstream::start().await;
-    for (name, version, bytes) in &crates {
-        let deps = if name == "beta" {
-            dep("alpha", "^0.1")
-        } else {
-            "[]".into()
-        };
-        up.publish_bytes(name, version, bytes.clone(), &deps);
-    }
-
+    publish_packaged(&up, &crates);
     let project = work.path().join("app");
-    write(
-        &project.join("Cargo.toml"),
-        "[package]\nname = \"app\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n\
-         [dependencies]\nbeta = \"0.2\"\nMixed_Case = \"1\"\n",
-    );
-    write(
-        &project.join("src/main.rs"),
-        "fn main() { println!(\"{}\", beta::two() + Mixed_Case::three()); }\n",
-    );
+    write_app_project(&project);
 
     let data = work.path().join("proxy-data");
     std::fs::create_dir_all(&data).unwrap();

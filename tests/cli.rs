@@ -27,6 +27,9 @@ fn bad_settings_stop_startup_naming_the_variable() {
         ("CRATERE_UPSTREAM_SPARSE", "not a url"),
         ("CRATERE_LISTEN", "localhost"),
         ("CRATERE_GIT_INDEX", "perhaps"),
+        ("CRATERE_CLEANUP_CACHE_SCHEDULE", "nightly"),
+        ("CRATERE_MAX_DAYS_UNUSED", "-3"),
+        ("CRATERE_MAX_CACHE_SIZE", "a lot"),
     ] {
         let out = clean_env(&mut Command::new(BIN))
             .env(var, value)
@@ -69,6 +72,9 @@ fn help_documents_every_variable_with_its_default() {
         "CRATERE_UPSTREAM_DL",
         "CRATERE_INDEX_TTL",
         "CRATERE_GIT_INDEX",
+        "CRATERE_CLEANUP_CACHE_SCHEDULE",
+        "CRATERE_MAX_DAYS_UNUSED",
+        "CRATERE_MAX_CACHE_SIZE",
     ] {
         assert!(
             help.contains(&format!("env: {var}=")),
@@ -81,6 +87,15 @@ fn help_documents_every_variable_with_its_default() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("env: CRATERE_PORT="));
+    for sub in ["cleanup", "warm"] {
+        let out = Command::new(BIN).args([sub, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            help.contains("env: CRATERE_MAX_DAYS_UNUSED="),
+            "{sub}: {help}"
+        );
+        assert!(help.contains("env: CRATERE_CACHE="), "{sub}: {help}");
+    }
 }
 
 #[test]
@@ -172,9 +187,12 @@ async fn sigterm_lets_a_slow_download_finish_then_exits_zero() {
         got.extend_from_slice(&c);
     }
     assert_eq!(got, bytes, "the download completed after SIGTERM");
-    let status = tokio::task::spawn_blocking(move || server.child.wait().unwrap())
-        .await
-        .unwrap();
+    let (status, server) = tokio::task::spawn_blocking(move || {
+        let status = server.child.wait().unwrap();
+        (status, server)
+    })
+    .await
+    .unwrap();
     assert!(status.success(), "{status:?}");
 
     // JSON logs, with one access line for the download.

@@ -34,10 +34,14 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Files under `p`, without the proxy's own dot-files (markers, locks).
 fn files_under(p: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(p).unwrap() {
         let e = e.unwrap();
+        if e.file_type().unwrap().is_file() && e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         if e.file_type().unwrap().is_dir() {
             out.extend(files_under(&e.path()));
         } else {

@@ -2,6 +2,8 @@
 //! and the real proxy started on port 0 against it.
 #![allow(dead_code)]
 
+pub mod cargo;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -522,13 +524,21 @@ impl Proxy {
     }
 
     /// Binds port 0, writes the real port into the public URL, serves.
-    pub async fn start_with(mut config: Config) -> Proxy {
+    pub async fn start_with(config: Config) -> Proxy {
+        Self::start_with_clock(config, Arc::new(cratere::clock::SystemClock)).await
+    }
+
+    /// [`Proxy::start_with`] with the clock usage records and cleanups read.
+    pub async fn start_with_clock(
+        mut config: Config,
+        clock: Arc<dyn cratere::clock::Clock>,
+    ) -> Proxy {
         init_test_log();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         config.port = addr.port();
         let dir = config.cache.parent().unwrap().to_path_buf();
-        let state = cratere::app::AppState::new(config).unwrap();
+        let state = cratere::app::AppState::with_clock(config, clock).unwrap();
         let token = CancellationToken::new();
         let (s, t) = (state.clone(), token.clone());
         let task = tokio::spawn(async move {
@@ -542,6 +552,14 @@ impl Proxy {
             token,
             task,
         }
+    }
+
+    /// Graceful shutdown, as on SIGTERM: the server and its jobs stop (the usage flusher
+    /// writes what it has), then this returns.
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        task.await.unwrap();
     }
 
     pub fn crate_path(&self, rel: &str) -> PathBuf {
@@ -606,6 +624,7 @@ pub fn spawn_server(envs: &[(&str, String)]) -> Running {
     }
     cmd.env("CRATERE_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     for (k, v) in envs {
         cmd.env(k, v);
@@ -638,7 +657,15 @@ pub fn spawn_server(envs: &[(&str, String)]) -> Running {
 impl Running {
     /// kill -9.
     pub fn kill_hard(&mut self) {
-        self.child.kill().unwrap();
+        let _ = self.child.kill();
         self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Running {
+    /// A failing test must not leave a server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

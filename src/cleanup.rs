@@ -1,0 +1,660 @@
+//! Cache cleanup: one pass ([`Cleanup::run_once`]) removes crate files and index files not
+//! used for `CRATERE_MAX_DAYS_UNUSED`, then, if `CRATERE_MAX_CACHE_SIZE` is set, the least
+//! recently used crate files until the rest fits. The server runs it on
+//! `CRATERE_CLEANUP_CACHE_SCHEDULE`; `cratere cleanup` runs it once from the command line.
+//!
+//! Safety with a live server on the same directories:
+//! - Only finished files are candidates: the `.tmp/` directories of files being written (and
+//!   every other dot-entry: markers, the lock file) are never looked at, and `config.json`
+//!   of the index cache is never removed.
+//! - A file is re-checked just before it is removed: if it was used since the scan (a use
+//!   recorded in this process, or a newer last-use time on disk from another process) it is
+//!   kept. A response already streaming a file keeps its open descriptor, which an unlink does
+//!   not disturb. A file removed anyway is simply fetched again on its next request.
+//! - Passes never overlap, across processes too: each holds an exclusive `flock` on
+//!   `$CRATERE_CACHE/.cleanup.lock`; a pass that cannot take it does nothing and says so.
+//!   A dry run changes nothing and takes no lock.
+//!
+//! Empty directories are left in place: removing one could race with a download creating
+//! its file there.
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{CleanupArgs, Config};
+use crate::names::IndexPath;
+use crate::storage::list_files;
+use crate::usage::{Usage, Use};
+
+/// Name of the lock file in the crate cache.
+pub const LOCK_FILE: &str = ".cleanup.lock";
+
+/// What a pass removes.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// Files not used for this long are removed.
+    pub max_unused: Duration,
+    /// Then the least recently used crate files are removed until their total size fits.
+    pub max_size: Option<u64>,
+}
+
+impl Rules {
+    pub fn from_config(c: &Config) -> Rules {
+        Rules {
+            max_unused: c.max_unused,
+            max_size: c.max_cache_size,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Crate,
+    Index,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Not used for the configured time.
+    Unused,
+    /// Among the least recently used while the cache was over its size cap.
+    OverSize,
+}
+
+/// One file a pass removed (or, in a dry run, would remove).
+#[derive(Debug, Clone)]
+pub struct Removal {
+    pub kind: FileKind,
+    /// Path relative to its cache directory.
+    pub rel: String,
+    pub bytes: u64,
+    pub last_use: SystemTime,
+    pub reason: Reason,
+}
+
+/// The numbers of one pass, kept in [`Cleanup::last`] for metrics.
+#[derive(Debug, Clone)]
+pub struct CleanupReport {
+    /// When the pass started (by the injected clock).
+    pub at: SystemTime,
+    pub duration: Duration,
+    pub dry_run: bool,
+    pub crate_files_removed: u64,
+    pub crate_bytes_removed: u64,
+    pub index_files_removed: u64,
+    pub index_bytes_removed: u64,
+    /// Crate files left in the cache, and their size.
+    pub crate_files_kept: u64,
+    pub crate_bytes_kept: u64,
+    /// Candidates kept because they were used between the scan and their removal.
+    pub skipped_in_use: u64,
+    /// Files that could not be removed (logged).
+    pub errors: u64,
+}
+
+/// A finished pass.
+#[derive(Debug, Clone)]
+pub struct Pass {
+    pub report: CleanupReport,
+    pub removed: Vec<Removal>,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Done(Pass),
+    /// Another pass (in this or another process) holds the lock; nothing was done.
+    Busy,
+}
+
+pub struct Cleanup {
+    crates_root: PathBuf,
+    index_root: PathBuf,
+    usage: Arc<Usage>,
+    rules: Rules,
+    last: Mutex<Option<CleanupReport>>,
+}
+
+impl Cleanup {
+    /// A cleaner of the crate cache at `crates_root` and the sparse index cache at
+    /// `index_root` (`$CRATERE_INDEX/sparse`).
+    pub fn new(crates_root: &Path, index_root: &Path, usage: Arc<Usage>, rules: Rules) -> Cleanup {
+        Cleanup {
+            crates_root: crates_root.to_path_buf(),
+            index_root: index_root.to_path_buf(),
+            usage,
+            rules,
+            last: Mutex::default(),
+        }
+    }
+
+    pub fn rules(&self) -> Rules {
+        self.rules
+    }
+
+    /// The report of the last pass that was not a dry run.
+    pub fn last(&self) -> Option<CleanupReport> {
+        self.last.lock().expect("lock poisoned").clone()
+    }
+
+    /// One pass. `stop` ends it early (between two files) at shutdown.
+    pub async fn run_once(
+        self: &Arc<Self>,
+        dry_run: bool,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Outcome> {
+        let lock = if dry_run {
+            None
+        } else {
+            match try_lock(&self.crates_root.join(LOCK_FILE))? {
+                Some(lock) => Some(lock),
+                None => {
+                    tracing::info!("cleanup skipped: another cleanup is running on this cache");
+                    return Ok(Outcome::Busy);
+                }
+            }
+        };
+        // Uses recorded in this process count before anything is judged.
+        self.usage.flush().await;
+        let (this, stop) = (self.clone(), stop.clone());
+        let pass = tokio::task::spawn_blocking(move || {
+            let pass = this.pass(dry_run, &stop);
+            drop(lock);
+            pass
+        })
+        .await
+        .context("cleanup task failed")??;
+        let r = &pass.report;
+        tracing::info!(
+            dry_run,
+            crate_files_removed = r.crate_files_removed,
+            crate_bytes_removed = r.crate_bytes_removed,
+            index_files_removed = r.index_files_removed,
+            index_bytes_removed = r.index_bytes_removed,
+            crate_files_kept = r.crate_files_kept,
+            crate_bytes_kept = r.crate_bytes_kept,
+            skipped_in_use = r.skipped_in_use,
+            errors = r.errors,
+            duration_ms = r.duration.as_millis() as u64,
+            "cleanup finished"
+        );
+        if !dry_run {
+            *self.last.lock().expect("lock poisoned") = Some(pass.report.clone());
+        }
+        Ok(Outcome::Done(pass))
+    }
+
+    fn pass(&self, dry_run: bool, stop: &CancellationToken) -> anyhow::Result<Pass> {
+        let started = Instant::now();
+        let now = self.usage.now();
+        let cutoff = now
+            .checked_sub(self.rules.max_unused)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut report = CleanupReport {
+            at: now,
+            duration: Duration::ZERO,
+            dry_run,
+            crate_files_removed: 0,
+            crate_bytes_removed: 0,
+            index_files_removed: 0,
+            index_bytes_removed: 0,
+            crate_files_kept: 0,
+            crate_bytes_kept: 0,
+            skipped_in_use: 0,
+            errors: 0,
+        };
+        let mut removed = Vec::new();
+        self.crates_pass(dry_run, stop, now, cutoff, &mut report, &mut removed)
+            .with_context(|| format!("cleaning {}", self.crates_root.display()))?;
+        self.index_pass(dry_run, stop, now, cutoff, &mut report, &mut removed)
+            .with_context(|| format!("cleaning {}", self.index_root.display()))?;
+        report.duration = started.elapsed();
+        Ok(Pass { report, removed })
+    }
+
+    fn crates_pass(
+        &self,
+        dry_run: bool,
+        stop: &CancellationToken,
+        now: SystemTime,
+        cutoff: SystemTime,
+        report: &mut CleanupReport,
+        removed: &mut Vec<Removal>,
+    ) -> io::Result<()> {
+        // Without the marker (only possible in a dry run: everything else adopts the cache
+        // first) no mtime is a last-use time yet, and every file counts as used now.
+        let tracked = self.usage.is_tracked();
+        let mut files: Vec<_> = list_files(&self.crates_root)?
+            .into_iter()
+            .filter(|f| f.rel.ends_with(".crate"))
+            .map(|f| {
+                let last_use = if tracked { f.modified } else { now };
+                (last_use, f)
+            })
+            .collect();
+        files.sort_by(|a, b| (a.0, &a.1.rel).cmp(&(b.0, &b.1.rel)));
+        let mut kept_files = files.len() as u64;
+        let mut kept_bytes: u64 = files.iter().map(|(_, f)| f.len).sum();
+        for (last_use, f) in files {
+            if stop.is_cancelled() {
+                break;
+            }
+            let reason = if last_use < cutoff {
+                Reason::Unused
+            } else if self.rules.max_size.is_some_and(|max| kept_bytes > max) {
+                Reason::OverSize
+            } else {
+                break; // sorted oldest first: every later file is newer and fits
+            };
+            if !dry_run {
+                if self.usage.pending(&Use::Crate(f.rel.clone())).is_some() {
+                    report.skipped_in_use += 1;
+                    continue;
+                }
+                let path = self.crates_root.join(&f.rel);
+                match unchanged_since_scan(&path, f.modified) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        report.skipped_in_use += 1;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        // Removed by someone else meanwhile.
+                        kept_files -= 1;
+                        kept_bytes -= f.len;
+                        continue;
+                    }
+                    Err(e) => {
+                        report.errors += 1;
+                        tracing::warn!(path = %path.display(), error = %e, "cannot check a crate file");
+                        continue;
+                    }
+                }
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        kept_files -= 1;
+                        kept_bytes -= f.len;
+                        continue;
+                    }
+                    Err(e) => {
+                        report.errors += 1;
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a crate file");
+                        continue;
+                    }
+                }
+            }
+            kept_files -= 1;
+            kept_bytes -= f.len;
+            report.crate_files_removed += 1;
+            report.crate_bytes_removed += f.len;
+            removed.push(Removal {
+                kind: FileKind::Crate,
+                rel: f.rel,
+                bytes: f.len,
+                last_use,
+                reason,
+            });
+        }
+        report.crate_files_kept = kept_files;
+        report.crate_bytes_kept = kept_bytes;
+        Ok(())
+    }
+
+    fn index_pass(
+        &self,
+        dry_run: bool,
+        stop: &CancellationToken,
+        now: SystemTime,
+        cutoff: SystemTime,
+        report: &mut CleanupReport,
+        removed: &mut Vec<Removal>,
+    ) -> io::Result<()> {
+        for f in list_files(&self.index_root)? {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            // Only crates' index files; upstream's config.json is needed as long as the
+            // cache is.
+            if f.rel.parse::<IndexPath>().is_err() {
+                continue;
+            }
+            let last_use = match self.usage.index_last_use(&f.rel)? {
+                Some(t) => t,
+                None => {
+                    if !dry_run {
+                        self.usage.mark_index(&f.rel, now)?;
+                    }
+                    now
+                }
+            };
+            if last_use >= cutoff {
+                continue;
+            }
+            if !dry_run {
+                if self.usage.pending(&Use::Index(f.rel.clone())).is_some()
+                    || self.usage.index_last_use(&f.rel)? != Some(last_use)
+                {
+                    report.skipped_in_use += 1;
+                    continue;
+                }
+                let path = self.index_root.join(&f.rel);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        report.errors += 1;
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove an index file");
+                        continue;
+                    }
+                }
+                self.usage.remove_index_mark(&f.rel)?;
+            }
+            report.index_files_removed += 1;
+            report.index_bytes_removed += f.len;
+            removed.push(Removal {
+                kind: FileKind::Index,
+                rel: f.rel,
+                bytes: f.len,
+                last_use,
+                reason: Reason::Unused,
+            });
+        }
+        // Marks whose index file is gone (upstream deleted the crate, or a crash between the
+        // two removals above) go once they are old.
+        if !dry_run {
+            for m in list_files(&self.usage.index_marks_root())? {
+                if m.modified < cutoff && !self.index_root.join(&m.rel).exists() {
+                    self.usage.remove_index_mark(&m.rel)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the file still has the mtime seen by the scan (no use recorded since).
+fn unchanged_since_scan(path: &Path, scanned: SystemTime) -> io::Result<bool> {
+    Ok(std::fs::metadata(path)?.modified()? == scanned)
+}
+
+/// Takes the cleanup lock, `None` when someone else holds it. The lock is an `flock` on an
+/// open file: released when the file is closed, also when the process dies.
+fn try_lock(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+/// `cratere cleanup [--dry-run]`: one pass now, printing every file it removes and a summary.
+pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
+    let config = args.config;
+    let crates_root = config.cache.clone();
+    let index_root = config.index.join("sparse");
+    if !crates_root.is_dir() {
+        anyhow::bail!(
+            "CRATERE_CACHE={}: no such directory (nothing cached there)",
+            crates_root.display()
+        );
+    }
+    let usage = Arc::new(Usage::new(
+        &crates_root,
+        &index_root,
+        Arc::new(crate::clock::SystemClock),
+    ));
+    if !args.dry_run {
+        usage
+            .adopt_untracked()
+            .with_context(|| format!("CRATERE_CACHE={}", crates_root.display()))?;
+    }
+    let cleanup = Arc::new(Cleanup::new(
+        &crates_root,
+        &index_root,
+        usage.clone(),
+        Rules::from_config(&config),
+    ));
+    let pass = match cleanup
+        .run_once(args.dry_run, &CancellationToken::new())
+        .await?
+    {
+        Outcome::Done(pass) => pass,
+        Outcome::Busy => {
+            eprintln!("another cleanup is running on this cache; nothing was done");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let now = usage.now();
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    let mut out = String::new();
+    for r in &pass.removed {
+        let unused_for = now.duration_since(r.last_use).unwrap_or_default();
+        let why = match r.reason {
+            Reason::Unused => format!("unused for {}", age(unused_for)),
+            Reason::OverSize => format!("last used {} ago, over the size cap", age(unused_for)),
+        };
+        let kind = match r.kind {
+            FileKind::Crate => "crate",
+            FileKind::Index => "index",
+        };
+        let _ = writeln!(
+            out,
+            "{verb} {kind} {}  {}  {why}",
+            r.rel,
+            bytesize::ByteSize(r.bytes)
+        );
+    }
+    let r = &pass.report;
+    let _ = writeln!(
+        out,
+        "cleanup{}: {verb} {} crate files ({}) and {} index files ({}) in {:.2} s; \
+         {} crate files ({}) {}",
+        if args.dry_run { " (dry run)" } else { "" },
+        r.crate_files_removed,
+        bytesize::ByteSize(r.crate_bytes_removed),
+        r.index_files_removed,
+        bytesize::ByteSize(r.index_bytes_removed),
+        r.duration.as_secs_f64(),
+        r.crate_files_kept,
+        bytesize::ByteSize(r.crate_bytes_kept),
+        if args.dry_run {
+            "would remain"
+        } else {
+            "remain"
+        },
+    );
+    if r.skipped_in_use > 0 {
+        let _ = writeln!(
+            out,
+            "{} files kept: used during the cleanup",
+            r.skipped_in_use
+        );
+    }
+    print!("{out}");
+    if r.errors > 0 {
+        eprintln!("{} files could not be removed (see the log)", r.errors);
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A short human age: seconds, hours or days.
+fn age(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 86_400.0 {
+        format!("{:.1} days", s / 86_400.0)
+    } else if s >= 3_600.0 {
+        format!("{:.1} hours", s / 3_600.0)
+    } else {
+        format!("{s:.0} s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, FakeClock, days};
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        clock: Arc<FakeClock>,
+        usage: Arc<Usage>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("crates/.tmp")).unwrap();
+            std::fs::create_dir_all(dir.path().join("sparse/.tmp")).unwrap();
+            let clock = Arc::new(FakeClock::new());
+            let usage = Arc::new(Usage::new(
+                &dir.path().join("crates"),
+                &dir.path().join("sparse"),
+                clock.clone(),
+            ));
+            usage.adopt_untracked().unwrap();
+            Fixture { dir, clock, usage }
+        }
+
+        fn cleanup(&self, max_days: f64, max_size: Option<u64>) -> Arc<Cleanup> {
+            Arc::new(Cleanup::new(
+                &self.dir.path().join("crates"),
+                &self.dir.path().join("sparse"),
+                self.usage.clone(),
+                Rules {
+                    max_unused: days(max_days),
+                    max_size,
+                },
+            ))
+        }
+
+        /// A crate file of `size` bytes, last used now.
+        fn put(&self, name: &str, size: usize) -> String {
+            let rel = format!(
+                "{}/{name}-1.0.0.crate",
+                name.parse::<crate::names::CrateName>()
+                    .unwrap()
+                    .index_path()
+            );
+            let path = self.dir.path().join("crates").join(&rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, vec![0u8; size]).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(self.clock.now())
+                .unwrap();
+            rel
+        }
+
+        fn exists(&self, rel: &str) -> bool {
+            self.dir.path().join("crates").join(rel).exists()
+        }
+
+        async fn run(&self, c: &Arc<Cleanup>, dry_run: bool) -> Pass {
+            match c
+                .run_once(dry_run, &CancellationToken::new())
+                .await
+                .unwrap()
+            {
+                Outcome::Done(p) => p,
+                Outcome::Busy => panic!("busy"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn size_cap_removes_least_recently_used_first() {
+        let f = Fixture::new();
+        let a = f.put("aaaa", 100);
+        f.clock.advance(days(1.0));
+        let b = f.put("bbbb", 100);
+        f.clock.advance(days(1.0));
+        let c = f.put("cccc", 100);
+        f.clock.advance(days(1.0));
+        // A use of `a` makes it the most recent.
+        f.usage.record_crate(&crate::names::CrateKey::new(
+            &"aaaa".parse().unwrap(),
+            &"1.0.0".parse().unwrap(),
+        ));
+        let cleanup = f.cleanup(90.0, Some(250));
+        let dry = f.run(&cleanup, true).await;
+        assert_eq!(dry.removed.len(), 1);
+        assert!(f.exists(&b), "a dry run removes nothing");
+        let pass = f.run(&cleanup, false).await;
+        let gone: Vec<_> = pass.removed.iter().map(|r| r.rel.as_str()).collect();
+        assert_eq!(gone, [b.as_str()]);
+        assert_eq!(pass.removed[0].reason, Reason::OverSize);
+        assert!(f.exists(&a) && f.exists(&c) && !f.exists(&b));
+        assert_eq!(pass.report.crate_bytes_kept, 200);
+        assert_eq!(cleanup.last().unwrap().crate_bytes_removed, 100);
+    }
+
+    #[tokio::test]
+    async fn cleanups_never_overlap() {
+        let f = Fixture::new();
+        let held = try_lock(&f.dir.path().join("crates").join(LOCK_FILE))
+            .unwrap()
+            .unwrap();
+        let cleanup = f.cleanup(90.0, None);
+        let outcome = cleanup
+            .run_once(false, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Busy));
+        assert!(cleanup.last().is_none());
+        drop(held);
+        f.run(&cleanup, false).await;
+        assert!(cleanup.last().is_some());
+    }
+
+    #[tokio::test]
+    async fn files_being_written_and_non_crate_files_are_never_touched() {
+        let f = Fixture::new();
+        let tmp = f.dir.path().join("crates/.tmp/w-123");
+        std::fs::write(&tmp, b"partial").unwrap();
+        let config = f.dir.path().join("sparse/config.json");
+        std::fs::write(&config, b"{}").unwrap();
+        let index_tmp = f.dir.path().join("sparse/.tmp/w-1");
+        std::fs::write(&index_tmp, b"x").unwrap();
+        for p in [&tmp, &config, &index_tmp] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(f.clock.now() - days(1000.0))
+                .unwrap();
+        }
+        f.clock.advance(days(1000.0));
+        let pass = f.run(&f.cleanup(1.0, Some(1)), false).await;
+        assert!(pass.removed.is_empty(), "{:?}", pass.removed);
+        assert!(tmp.exists() && config.exists() && index_tmp.exists());
+    }
+
+    #[test]
+    fn ages_read_well() {
+        assert_eq!(age(Duration::from_secs(20)), "20 s");
+        assert_eq!(age(Duration::from_secs(5400)), "1.5 hours");
+        assert_eq!(age(days(95.0)), "95.0 days");
+    }
+}

@@ -1,0 +1,370 @@
+//! `cratere warm <Cargo.lock>...`: fetches every crates.io package of the given lockfiles,
+//! and their index files, into the cache, in-process through the same [`IndexCache`] and
+//! [`Downloads`] the server uses (so every file is verified against the index checksum and
+//! written through a temp file and an atomic rename, which is what makes it safe while a
+//! server runs on the same directories). Afterwards the proxy can serve those projects with
+//! no upstream at all.
+//!
+//! [`IndexCache`]: crate::index_cache::IndexCache
+//! [`Downloads`]: crate::downloads::Downloads
+
+use std::collections::HashSet;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::app::AppState;
+use crate::config::WarmArgs;
+use crate::downloads::find_version;
+use crate::index_cache::IndexKey;
+use crate::names::{CrateKey, CrateName, Version};
+
+/// The `source` of a crates.io package in a lockfile: the git index URL (what cargo writes
+/// whichever protocol it used) or the sparse one.
+pub const CRATES_IO_SOURCES: [&str; 2] = [
+    "registry+https://github.com/rust-lang/crates.io-index",
+    "sparse+https://index.crates.io/",
+];
+
+/// A crates.io package pinned by a lockfile.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Package {
+    pub name: CrateName,
+    pub version: Version,
+    /// sha256 of the `.crate`, from the lockfile.
+    pub checksum: Option<String>,
+}
+
+impl std::fmt::Display for Package {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.name, self.version)
+    }
+}
+
+/// The crates.io packages of one lockfile.
+#[derive(Debug, Default)]
+pub struct Lockfile {
+    pub packages: Vec<Package>,
+    /// Packages from elsewhere (path, git, other registries), not warmed.
+    pub other_sources: usize,
+}
+
+/// Parses a Cargo.lock (any version: v1 keeps checksums in `[metadata]`, later versions on
+/// each package).
+pub fn parse_lockfile(text: &str) -> anyhow::Result<Lockfile> {
+    #[derive(Deserialize)]
+    struct Raw {
+        #[serde(default)]
+        package: Vec<RawPackage>,
+        #[serde(default)]
+        metadata: toml::Table,
+    }
+    #[derive(Deserialize)]
+    struct RawPackage {
+        name: String,
+        version: String,
+        source: Option<String>,
+        checksum: Option<String>,
+    }
+    let raw: Raw = toml::from_str(text).context("not a Cargo.lock")?;
+    let mut out = Lockfile::default();
+    for p in raw.package {
+        let Some(source) = p.source.filter(|s| CRATES_IO_SOURCES.contains(&s.as_str())) else {
+            out.other_sources += 1;
+            continue;
+        };
+        let checksum = p.checksum.or_else(|| {
+            let key = format!("checksum {} {} ({source})", p.name, p.version);
+            raw.metadata.get(&key)?.as_str().map(str::to_string)
+        });
+        out.packages.push(Package {
+            name: p
+                .name
+                .parse()
+                .with_context(|| format!("package name `{}`", p.name))?,
+            version: p
+                .version
+                .parse()
+                .with_context(|| format!("version `{}` of {}", p.version, p.name))?,
+            checksum: checksum.map(|c| c.to_ascii_lowercase()),
+        });
+    }
+    Ok(out)
+}
+
+/// What warming one package did.
+#[derive(Debug, Clone, Copy)]
+pub struct Warmed {
+    /// Fetched from upstream now (false: it was cached already).
+    pub fetched: bool,
+    pub bytes: u64,
+}
+
+/// Totals of a warm run.
+#[derive(Debug, Default)]
+pub struct WarmReport {
+    pub fetched: usize,
+    pub already_cached: usize,
+    pub failed: Vec<(Package, String)>,
+    /// Bytes of crate files fetched from upstream.
+    pub bytes_fetched: u64,
+    /// Bytes of all the packages' crate files.
+    pub bytes_total: u64,
+}
+
+/// Warms the cache with `packages`, at most `jobs` at once. `each` is told every result as
+/// it comes.
+pub async fn warm(
+    state: &AppState,
+    packages: Vec<Package>,
+    jobs: usize,
+    mut each: impl FnMut(&Package, &Result<Warmed, String>),
+) -> WarmReport {
+    let mut report = WarmReport::default();
+    let mut results = futures_util::stream::iter(packages)
+        .map(|p| async move {
+            let res = warm_one(state, &p).await;
+            (p, res)
+        })
+        .buffer_unordered(jobs.max(1));
+    while let Some((p, res)) = results.next().await {
+        each(&p, &res);
+        match res {
+            Ok(w) => {
+                report.bytes_total += w.bytes;
+                if w.fetched {
+                    report.fetched += 1;
+                    report.bytes_fetched += w.bytes;
+                } else {
+                    report.already_cached += 1;
+                }
+            }
+            Err(e) => report.failed.push((p, e)),
+        }
+    }
+    state.usage.flush().await;
+    report
+}
+
+/// The index file (with the locked version in it) and the verified crate file of one package.
+async fn warm_one(state: &AppState, p: &Package) -> Result<Warmed, String> {
+    let key = IndexKey::Crate(p.name.index_path());
+    let mut listed = false;
+    for force in [false, true] {
+        match state.index.get(&key, force).await {
+            Ok(Some((entry, _))) => {
+                if find_version(&entry.body, &p.name, &p.version).is_some() {
+                    listed = true;
+                    break;
+                }
+            }
+            Ok(None) => return Err("upstream has no such crate".into()),
+            Err(e) => return Err(format!("index file: upstream {e}")),
+        }
+    }
+    if !listed {
+        return Err("the index does not list this version".into());
+    }
+    let cached = state
+        .downloads
+        .ensure_cached(&p.name, &p.version)
+        .await
+        .map_err(|e| e.to_string())?;
+    let path = state
+        .downloads
+        .store()
+        .path(&CrateKey::new(&p.name, &p.version).as_relative());
+    let checksum = p.checksum.clone();
+    tokio::task::spawn_blocking(move || verify(&path, checksum.as_deref()))
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok(Warmed {
+        fetched: cached.fetched,
+        bytes: cached.len,
+    })
+}
+
+/// The cached file is there and, when the lockfile gives a checksum, has exactly that sha256.
+fn verify(path: &Path, checksum: Option<&str>) -> Result<(), String> {
+    let mut file = std::fs::File::open(path).map_err(|e| format!("not in the cache: {e}"))?;
+    let Some(expected) = checksum else {
+        return Ok(());
+    };
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| format!("reading the cached file: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let got = hex::encode(hasher.finalize());
+    if got != expected {
+        return Err(format!(
+            "cached file has sha256 {got}, Cargo.lock says {expected}"
+        ));
+    }
+    Ok(())
+}
+
+/// `cratere warm`: reads the lockfiles, warms, prints progress (a bar on a terminal, one line
+/// per package otherwise) and a summary. Fails when any package failed.
+pub async fn command(args: WarmArgs) -> anyhow::Result<ExitCode> {
+    let mut packages = Vec::new();
+    let mut seen = HashSet::new();
+    let mut other_sources = 0;
+    for path in &args.lockfiles {
+        let lock = read_lockfile(path)?;
+        other_sources += lock.other_sources;
+        for p in lock.packages {
+            if seen.insert(CrateKey::new(&p.name, &p.version)) {
+                packages.push(p);
+            }
+        }
+    }
+    println!(
+        "warming {} crates.io packages from {} lockfile(s){}",
+        packages.len(),
+        args.lockfiles.len(),
+        if other_sources > 0 {
+            format!(" ({other_sources} packages from other sources skipped)")
+        } else {
+            String::new()
+        }
+    );
+    let state = AppState::new(args.config)?;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(packages.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} {elapsed_precise} {wide_msg}",
+            )
+            .expect("valid template"),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let report = warm(&state, packages, args.jobs, |p, res| {
+        let line = match res {
+            Ok(w) if w.fetched => format!("fetched {p} ({})", bytesize::ByteSize(w.bytes)),
+            Ok(_) => format!("cached  {p}"),
+            Err(e) => format!("FAILED  {p}: {e}"),
+        };
+        match &bar {
+            Some(bar) => {
+                if res.is_err() {
+                    bar.println(&line);
+                }
+                bar.set_message(p.to_string());
+                bar.inc(1);
+            }
+            None => println!("{line}"),
+        }
+    })
+    .await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    println!(
+        "warm: {} fetched ({}), {} already cached, {} failed; {} of crate files for these lockfiles in {}",
+        report.fetched,
+        bytesize::ByteSize(report.bytes_fetched),
+        report.already_cached,
+        report.failed.len(),
+        bytesize::ByteSize(report.bytes_total),
+        state.config.cache.display(),
+    );
+    if report.failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for (p, e) in &report.failed {
+            eprintln!("failed: {p}: {e}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn read_lockfile(path: &PathBuf) -> anyhow::Result<Lockfile> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_lockfile(&text).with_context(|| format!("{}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_crates_io_packages_of_v4_and_v1_lockfiles() {
+        let v4 = r#"
+version = 4
+
+[[package]]
+name = "app"
+version = "0.1.0"
+dependencies = ["Inflector", "serde"]
+
+[[package]]
+name = "Inflector"
+version = "0.11.4"
+source = "registry+https://github.com/rust-lang/crates.io-index"
+checksum = "FE438E1A7A55B5E9C6B9A0BA4B2DB59E00EB0D5B8C9DC4A8E0C2B62C59C7C1DB"
+
+[[package]]
+name = "serde"
+version = "1.0.200"
+source = "sparse+https://index.crates.io/"
+checksum = "ddc6f9cc94d67c0e21aaf7eda3a010fd3af78ebf6e096aa6e2e13c79749cce4f"
+
+[[package]]
+name = "private"
+version = "1.0.0"
+source = "registry+https://example.com/index"
+checksum = "00"
+
+[[package]]
+name = "forked"
+version = "1.0.0"
+source = "git+https://example.com/forked#abc"
+"#;
+        let lock = parse_lockfile(v4).unwrap();
+        assert_eq!(lock.other_sources, 3);
+        let names: Vec<_> = lock.packages.iter().map(|p| p.to_string()).collect();
+        assert_eq!(names, ["Inflector 0.11.4", "serde 1.0.200"]);
+        assert_eq!(
+            lock.packages[0].checksum.as_deref(),
+            Some("fe438e1a7a55b5e9c6b9a0ba4b2db59e00eb0d5b8c9dc4a8e0c2b62c59c7c1db")
+        );
+
+        let v1 = r#"
+[[package]]
+name = "itoa"
+version = "0.4.8"
+source = "registry+https://github.com/rust-lang/crates.io-index"
+
+[metadata]
+"checksum itoa 0.4.8 (registry+https://github.com/rust-lang/crates.io-index)" = "b71991ff56294aa922b450139ee08b3bfc70982c6b2c7562771375cf73542dd4"
+"#;
+        let lock = parse_lockfile(v1).unwrap();
+        assert_eq!(
+            lock.packages[0].checksum.as_deref(),
+            Some("b71991ff56294aa922b450139ee08b3bfc70982c6b2c7562771375cf73542dd4")
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_lockfile() {
+        assert!(parse_lockfile("this is not toml").is_err());
+        let bad = "[[package]]\nname = \"../etc\"\nversion = \"1.0.0\"\nsource = \"sparse+https://index.crates.io/\"\n";
+        assert!(parse_lockfile(bad).is_err());
+    }
+}
