@@ -14,7 +14,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::downloads::Downloads;
+use crate::git::GitIndex;
 use crate::index_cache::IndexCache;
+use crate::jobs::FirstRun;
 use crate::metrics::Metrics;
 use crate::sparse::PublicHosts;
 use crate::storage::FsStore;
@@ -28,6 +30,8 @@ pub struct AppState {
     pub index: Arc<IndexCache>,
     pub downloads: Arc<Downloads>,
     pub metrics: Arc<Metrics>,
+    /// The git index mirror, when `CRATERE_GIT_INDEX` is on.
+    pub git: Option<Arc<GitIndex>>,
 }
 
 impl AppState {
@@ -54,8 +58,13 @@ impl AppState {
             config.upstream_dl.clone(),
             metrics.clone(),
         ));
+        let hosts = Arc::new(PublicHosts::new(&config));
+        let git = config
+            .git_index
+            .then(|| Arc::new(GitIndex::new(&config, &hosts)));
         Ok(AppState {
-            hosts: Arc::new(PublicHosts::new(&config)),
+            hosts,
+            git,
             config: Arc::new(config),
             index,
             downloads,
@@ -70,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::sparse::router())
         .merge(crate::downloads::router())
+        .merge(crate::git::http::router())
         .fallback(not_found)
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -114,7 +124,28 @@ pub async fn run(
 
 /// Starts the scheduled jobs (each feature adds its own here, through
 /// [`crate::jobs::spawn_scheduled`]).
-fn start_jobs(_state: &AppState, _jobs: &TaskTracker, _shutdown: &CancellationToken) {}
+fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken) {
+    if let Some(git) = &state.git {
+        let (git, token) = (git.clone(), shutdown.clone());
+        crate::jobs::spawn_scheduled(
+            jobs,
+            shutdown.clone(),
+            "git-index-sync",
+            git.schedule().clone(),
+            FirstRun::Immediately,
+            move || {
+                let (git, token) = (git.clone(), token.clone());
+                async move {
+                    // Shutdown does not wait for a long fetch: dropping the sync kills git.
+                    tokio::select! {
+                        res = git.sync() => res.map(|_| ()),
+                        _ = token.cancelled() => Ok(()),
+                    }
+                }
+            },
+        );
+    }
+}
 
 /// The `serve` command: bind, run, stop on SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> anyhow::Result<()> {

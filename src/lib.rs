@@ -10,6 +10,7 @@
 //! - [`index_cache`]: cached index files: freshness, revalidation, stale serving.
 //! - [`sparse`]: sparse index routes and the proxy's own config.json.
 //! - [`downloads`]: the crate route: hits, coalesced streaming misses, verification.
+//! - [`git`]: the git index mirror (sync job) and its smart-HTTP server.
 //! - [`jobs`]: cron schedules and the helper that runs background jobs on them.
 //! - [`singleflight`]: one computation for concurrent callers of one key.
 //! - [`metrics`]: Prometheus metrics owned by the app.
@@ -19,6 +20,7 @@ pub mod app;
 pub mod config;
 pub mod downloads;
 pub mod error;
+pub mod git;
 pub mod index_cache;
 pub mod jobs;
 pub mod metrics;

@@ -64,10 +64,18 @@ impl PublicHosts {
     pub fn primary_url(&self) -> String {
         self.base_url_for(None)
     }
+
+    /// `scheme://authority` of every configured host, primary first.
+    pub fn all_base_urls(&self) -> Vec<String> {
+        std::iter::once(&self.primary)
+            .chain(&self.alternates)
+            .map(|h| format!("{}://{}", self.scheme.as_str(), h.authority(self.scheme)))
+            .collect()
+    }
 }
 
 /// The host a request named: the URI authority (HTTP/2) or the `Host` header.
-fn requested_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+pub(crate) fn requested_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     uri.authority()
         .map(|a| a.as_str())
         .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
@@ -175,6 +183,14 @@ mod tests {
     fn config_host_selection() {
         let h = hosts(r#"["mirror.internal:9000", "plain.internal"]"#);
         assert_eq!(h.primary_url(), "http://proxy.example:8000");
+        assert_eq!(
+            h.all_base_urls(),
+            [
+                "http://proxy.example:8000",
+                "http://mirror.internal:9000",
+                "http://plain.internal"
+            ]
+        );
         assert_eq!(
             h.base_url_for(Some("proxy.example:8000")),
             "http://proxy.example:8000"

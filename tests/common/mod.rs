@@ -419,6 +419,9 @@ impl Proxy {
         c.upstream_connect_timeout = Duration::from_secs(2);
         c.upstream_idle_timeout = Duration::from_secs(2);
         c.host = "127.0.0.1".into();
+        // The git index syncs from GitHub by default; tests that want it point it at a
+        // fixture repository (tests/git_index.rs).
+        c.git_index = false;
         c
     }
 
