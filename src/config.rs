@@ -240,6 +240,14 @@ impl GitRemote {
     }
 }
 
+impl std::str::FromStr for GitRemote {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<GitRemote, String> {
+        parse_git_remote(s)
+    }
+}
+
 impl std::fmt::Display for GitRemote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)

@@ -2,6 +2,8 @@
 //! and the real proxy started on port 0 against it.
 #![allow(dead_code)]
 
+pub mod packaged;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
