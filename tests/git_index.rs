@@ -317,6 +317,12 @@ async fn upstream_commits_and_squashes_reach_clients_with_config_rewritten_and_h
     first_sync(&proxy).await;
     let expected = config_json(&proxy.url);
     let repo = mirror(&proxy).repo_path().to_path_buf();
+    // One pack with a reachability bitmap after the first sync (fast full clones).
+    let packs: Vec<String> = std::fs::read_dir(repo.join("objects/pack"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(packs.iter().any(|p| p.ends_with(".bitmap")), "{packs:?}");
 
     // A v2 (git's default) and a v0 client.
     let (c2, c0) = (work.join("clone-v2"), work.join("clone-v0"));

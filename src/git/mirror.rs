@@ -17,7 +17,8 @@
 //!    (clients that saw the old advertisement may still be fetching it), so the sync that sees
 //!    the rewrite only leaves a marker; the next sync, once `previous` has moved on, runs
 //!    `git repack -a -d` (drops every unreachable object from the packs) and
-//!    `git prune --expire=now` (loose ones). Otherwise `git gc --auto`.
+//!    `git prune --expire=now` (loose ones). Otherwise `git gc --auto`, after one
+//!    `git repack -a -d` if no pack has a reachability bitmap yet (the first fetch).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -155,6 +156,13 @@ impl GitIndex {
             tokio::fs::remove_file(self.repo.join(PRUNE_MARKER)).await?;
             true
         } else {
+            if !self.has_bitmap().await? {
+                // Once, after the first fetch: one pack with a reachability bitmap, so a
+                // client's full clone does not walk the whole history (minutes on crates.io's
+                // index) before the first byte.
+                tracing::info!("repacking the mirror with a bitmap index");
+                self.git(["repack", "-a", "-d", "-q"], None).await?;
+            }
             self.git(["gc", "--auto", "--quiet"], None).await?;
             false
         };
@@ -373,6 +381,16 @@ impl GitIndex {
         self.git(["repack", "-a", "-d", "-q"], None).await?;
         self.git(["prune", "--expire=now"], None).await?;
         Ok(())
+    }
+
+    async fn has_bitmap(&self) -> anyhow::Result<bool> {
+        let mut dir = tokio::fs::read_dir(self.repo.join("objects/pack")).await?;
+        while let Some(e) = dir.next_entry().await? {
+            if e.path().extension().is_some_and(|x| x == "bitmap") {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     async fn rev_parse(&self, rev: &str) -> anyhow::Result<Option<String>> {
