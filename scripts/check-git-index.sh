@@ -114,3 +114,5 @@ echo "   restart: ready at once from the mirror on disk"
 (cd "$WORK/project" && CARGO_HOME=$WORK/home1 cargo fetch --locked -q)
 (cd "$WORK/project" && CARGO_HOME=$WORK/home2 cargo fetch --locked -q)
 echo "   after the squash: cargo fetch --locked ok with both clients' existing CARGO_HOMEs"
+durations=$(grep -o 'duration_ms=[0-9]*' "$WORK/proxy.log" | cut -d= -f2 | sort -n)
+echo "5. $(echo "$durations" | wc -l) syncs, duration min $(echo "$durations" | head -1) ms, median $(echo "$durations" | sed -n "$(( ($(echo "$durations" | wc -l) + 1) / 2 ))p") ms, max $(echo "$durations" | tail -1) ms"

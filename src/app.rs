@@ -161,6 +161,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "cratere is serving; cargo registry = \"sparse+{}/index/\"",
         state.hosts.primary_url()
     );
+    if let Some(git) = &state.git {
+        tracing::info!(
+            upstream = %state.config.upstream_git,
+            schedule = %git.schedule(),
+            "git index: cargo registry = \"{}/crates.io-index\" once the first sync completes",
+            state.hosts.primary_url()
+        );
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_handler(shutdown.clone()));
     run(listener, state, shutdown).await
