@@ -873,3 +873,44 @@ async fn a_client_that_goes_away_leaves_no_git_process_behind() {
     .await;
     drop(tx);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hosts_removed_from_the_configuration_lose_their_refs() {
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let upstream = Upstream::create(&work.join("upstream")).await;
+    let mut config = Proxy::config("http://127.0.0.1:9/", &work.join("data"));
+    config.git_index = true;
+    config.upstream_git = upstream.dir.to_str().unwrap().parse().unwrap();
+    config.alternate_hosts = AlternateHosts(vec![
+        HostPort::parse("alt.example:9000").unwrap(),
+        HostPort::parse("gone.example").unwrap(),
+    ]);
+    let hosts = cratere::sparse::PublicHosts::new(&config);
+    let first = GitIndex::new(&config, &hosts);
+    first.sync().await.unwrap();
+    let repo = first.repo_path().to_path_buf();
+    let refs = git(&repo, &["for-each-ref", "--format=%(refname)"]).await;
+    assert!(
+        refs.contains("refs/namespaces/gone%2Eexample/HEAD"),
+        "{refs}"
+    );
+
+    config.alternate_hosts.0.pop();
+    let second = GitIndex::new(&config, &cratere::sparse::PublicHosts::new(&config));
+    assert!(!second.sync().await.unwrap().changed);
+    let refs = git(&repo, &["for-each-ref", "--format=%(refname)"]).await;
+    assert!(!refs.contains("gone%2Eexample"), "{refs}");
+    assert!(
+        refs.contains("refs/namespaces/alt%2Eexample%3A9000/refs/heads/master"),
+        "{refs}"
+    );
+    assert_eq!(
+        git(
+            &repo,
+            &["symbolic-ref", "refs/namespaces/alt%2Eexample%3A9000/HEAD"]
+        )
+        .await,
+        "refs/namespaces/alt%2Eexample%3A9000/refs/heads/master"
+    );
+}
