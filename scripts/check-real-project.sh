@@ -21,7 +21,7 @@ mkdir -p "$WORK/project/tests" "$WORK/project/benches"
 
 start() {
     CRATERE_PORT=$PORT CRATERE_LISTEN=127.0.0.1:$PORT CRATERE_CACHE=$WORK/data/crates \
-    CRATERE_INDEX=$WORK/data/index CRATERE_ALTERNATE_HOSTS='["alt.example:9999"]' \
+    CRATERE_INDEX=$WORK/data/index CRATERE_GIT_INDEX=false CRATERE_ALTERNATE_HOSTS='["alt.example:9999"]' \
     "$@" "$BIN" >>"$WORK/proxy.log" 2>&1 &
     PID=$!
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return; sleep 0.1; done

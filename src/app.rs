@@ -16,6 +16,7 @@ use crate::cleanup::{Cleanup, Rules};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::downloads::Downloads;
+use crate::git::GitIndex;
 use crate::index_cache::IndexCache;
 use crate::jobs::{FirstRun, spawn_scheduled};
 use crate::metrics::Metrics;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub usage: Arc<Usage>,
     /// The cache cleanup, with the report of its last pass.
     pub cleanup: Arc<Cleanup>,
+    /// The git index mirror, when `CRATERE_GIT_INDEX` is on.
+    pub git: Option<Arc<GitIndex>>,
 }
 
 impl AppState {
@@ -89,8 +92,13 @@ impl AppState {
             metrics.clone(),
             usage.clone(),
         ));
+        let hosts = Arc::new(PublicHosts::new(&config));
+        let git = config
+            .git_index
+            .then(|| Arc::new(GitIndex::new(&config, &hosts)));
         Ok(AppState {
-            hosts: Arc::new(PublicHosts::new(&config)),
+            hosts,
+            git,
             config: Arc::new(config),
             index,
             downloads,
@@ -111,6 +119,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::sparse::router())
         .merge(crate::downloads::router())
         .merge(crate::search::router())
+        .merge(crate::git::http::router())
         .fallback(not_found)
         // Bounds the time to produce response headers (a download's body may then take as
         // long as it needs).
@@ -256,6 +265,26 @@ fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken
             },
         );
     }
+    if let Some(git) = &state.git {
+        let (git, token) = (git.clone(), shutdown.clone());
+        crate::jobs::spawn_scheduled(
+            jobs,
+            shutdown.clone(),
+            "git-index-sync",
+            git.schedule().clone(),
+            FirstRun::Immediately,
+            move || {
+                let (git, token) = (git.clone(), token.clone());
+                async move {
+                    // Shutdown does not wait for a long fetch: dropping the sync kills git.
+                    tokio::select! {
+                        res = git.sync() => res.map(|_| ()),
+                        _ = token.cancelled() => Ok(()),
+                    }
+                }
+            },
+        );
+    }
 }
 
 /// Runs the command the command line asked for.
@@ -288,6 +317,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "cratere is serving; cargo registry = \"sparse+{}/index/\"",
         state.hosts.primary_url()
     );
+    if let Some(git) = &state.git {
+        tracing::info!(
+            upstream = %state.config.upstream_git,
+            schedule = %git.schedule(),
+            "git index: cargo registry = \"{}/crates.io-index\" once the first sync completes",
+            state.hosts.primary_url()
+        );
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_handler(shutdown.clone()));
     run(listener, state, shutdown).await

@@ -10,7 +10,7 @@ use url::Url;
 
 use crate::jobs::Schedule;
 
-/// A caching proxy for crates.io: sparse index, crate downloads.
+/// A caching proxy for crates.io: sparse index, git index mirror, crate downloads.
 #[derive(Debug, Parser)]
 #[command(
     name = "cratere",
@@ -305,6 +305,61 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(size.as_u64())
 }
 
+/// `CRATERE_UPSTREAM_GIT`: what `git fetch` is given. A URL (`https://`, `http://`, `file://`,
+/// `ssh://`, `git://`), an scp-like `user@host:path`, or a local path (made absolute at
+/// startup, since git runs inside the mirror directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitRemote(String);
+
+impl GitRemote {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for GitRemote {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<GitRemote, String> {
+        parse_git_remote(s)
+    }
+}
+
+impl std::fmt::Display for GitRemote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn parse_git_remote(s: &str) -> Result<GitRemote, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty".into());
+    }
+    // git would take a leading dash for an option.
+    if s.starts_with('-') {
+        return Err("must not start with `-`".into());
+    }
+    if s.contains("://") {
+        let url = Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https" | "file" | "ssh" | "git") {
+            return Err("expected an http(s)://, file://, ssh:// or git:// URL, or a path".into());
+        }
+        return Ok(GitRemote(s.to_string()));
+    }
+    // git's own rule: a colon before the first slash makes it scp-like ssh (`host:path`).
+    let before_slash = s.split('/').next().unwrap_or_default();
+    if before_slash.contains(':') {
+        return Ok(GitRemote(s.to_string()));
+    }
+    let path = std::path::absolute(s).map_err(|e| format!("cannot make `{s}` absolute: {e}"))?;
+    Ok(GitRemote(path.to_string_lossy().into_owned()))
+}
+
+fn parse_schedule(s: &str) -> Result<crate::jobs::Schedule, String> {
+    s.parse()
+}
+
 fn parse_nonzero(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
@@ -360,11 +415,23 @@ pub struct Config {
     #[arg(long, env = "CRATERE_INDEX_TTL", default_value = "2m", value_parser = parse_duration)]
     pub index_ttl: Duration,
 
-    /// Serve the git index at /crates.io-index (not implemented yet; accepted for
-    /// compatibility).
-    #[arg(long, env = "CRATERE_GIT_INDEX", default_value = "false",
+    /// Mirror the upstream git index and serve it (config.json rewritten per host) over git
+    /// smart HTTP at /crates.io-index.
+    #[arg(long, env = "CRATERE_GIT_INDEX", default_value = "true",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub git_index: bool,
+
+    /// Upstream git index: a URL (https, http, file, ssh, git), `host:path`, or a local path.
+    #[arg(long, env = "CRATERE_UPSTREAM_GIT",
+          default_value = "https://github.com/rust-lang/crates.io-index.git",
+          value_parser = parse_git_remote)]
+    pub upstream_git: GitRemote,
+
+    /// When the git index mirror syncs from upstream: cron, 5 fields (min hour dom mon dow) or
+    /// 6 with leading seconds, in UTC. The first sync runs at startup.
+    #[arg(long, env = "CRATERE_INDEX_UPDATE_SCHEDULE", default_value = "*/5 * * * *",
+          value_parser = parse_schedule)]
+    pub index_update_schedule: crate::jobs::Schedule,
 
     /// Time allowed to connect to upstream.
     #[arg(long, env = "CRATERE_UPSTREAM_CONNECT_TIMEOUT", default_value = "10s",
@@ -506,7 +573,12 @@ mod tests {
         assert_eq!(c.index_ttl, Duration::from_secs(120));
         assert_eq!(c.cache, PathBuf::from("./data/crates"));
         assert!(c.alternate_hosts.0.is_empty());
-        assert!(!c.git_index);
+        assert!(c.git_index);
+        assert_eq!(
+            c.upstream_git.as_str(),
+            "https://github.com/rust-lang/crates.io-index.git"
+        );
+        assert_eq!(c.index_update_schedule.to_string(), "*/5 * * * *");
         assert_eq!(c.cleanup_cache_schedule.0.unwrap().to_string(), "0 3 * * *");
         assert_eq!(c.max_unused, Duration::from_secs(90 * 86_400));
         assert_eq!(c.max_cache_size, None);
@@ -558,9 +630,9 @@ mod tests {
 
     #[test]
     fn serve_subcommand_takes_the_same_options() {
-        let c = parse(&["serve", "--port", "9001", "--git-index", "true"]).unwrap();
+        let c = parse(&["serve", "--port", "9001", "--git-index", "false"]).unwrap();
         assert_eq!(c.port, 9001);
-        assert!(c.git_index);
+        assert!(!c.git_index);
         assert_eq!(c.listen_addr().to_string(), "0.0.0.0:9001");
     }
 
@@ -614,6 +686,20 @@ mod tests {
             ),
             (&["--host", "a b"][..], "CRATERE_HOST"),
             (&["--git-index", "maybe"][..], "CRATERE_GIT_INDEX"),
+            (&["--upstream-git", "ftp://x/y"][..], "CRATERE_UPSTREAM_GIT"),
+            (
+                &["--upstream-git=-oProxyCommand=x"][..],
+                "CRATERE_UPSTREAM_GIT",
+            ),
+            (&["--upstream-git", ""][..], "CRATERE_UPSTREAM_GIT"),
+            (
+                &["--index-update-schedule", "every 5 minutes"][..],
+                "CRATERE_INDEX_UPDATE_SCHEDULE",
+            ),
+            (
+                &["--index-update-schedule", "61 * * * *"][..],
+                "CRATERE_INDEX_UPDATE_SCHEDULE",
+            ),
             (&["serve", "--listen", "nowhere"][..], "CRATERE_LISTEN"),
             (
                 &["--upstream-concurrency", "0"][..],
@@ -644,6 +730,30 @@ mod tests {
             let err = parse(args).unwrap_err();
             assert!(err.contains(var), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn git_remotes() {
+        let c = parse(&[
+            "--upstream-git",
+            "file:///srv/index.git",
+            "--index-update-schedule",
+            "*/10 * * * * *",
+        ])
+        .unwrap();
+        assert_eq!(c.upstream_git.as_str(), "file:///srv/index.git");
+        assert_eq!(c.index_update_schedule.to_string(), "*/10 * * * * *");
+        for ok in [
+            "https://example.com/index.git",
+            "ssh://git@example.com/index.git",
+            "git@example.com:index.git",
+            "/srv/index.git",
+        ] {
+            assert_eq!(parse_git_remote(ok).unwrap().as_str(), ok);
+        }
+        let rel = parse_git_remote("seed/index").unwrap();
+        assert!(std::path::Path::new(rel.as_str()).is_absolute(), "{rel}");
+        assert!(rel.as_str().ends_with("/seed/index"), "{rel}");
     }
 
     #[test]

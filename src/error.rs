@@ -14,6 +14,15 @@ pub enum AppError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    /// Not ready yet (e.g. the git index before its first sync); clients are told when to
+    /// come back.
+    #[error("{reason}")]
+    Unavailable {
+        reason: String,
+        retry_after_secs: u64,
+    },
     #[error("upstream: {0}")]
     Upstream(#[from] UpstreamError),
     #[error("the downloaded crate did not match the checksum in the index")]
@@ -39,6 +48,8 @@ impl AppError {
         match self {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             AppError::Upstream(UpstreamError::Down) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Upstream(UpstreamError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
@@ -73,6 +84,13 @@ impl IntoResponse for AppError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if let AppError::Unavailable {
+            retry_after_secs, ..
+        } = self
+        {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
         resp
     }
 }

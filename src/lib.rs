@@ -10,6 +10,7 @@
 //! - [`index_cache`]: cached index files: freshness, revalidation, stale serving.
 //! - [`sparse`]: sparse index routes and the proxy's own config.json.
 //! - [`downloads`]: the crate route: hits, coalesced streaming misses, verification.
+//! - [`git`]: the git index mirror (sync job) and its smart-HTTP server.
 //! - [`jobs`]: cron schedules and the helper that runs background jobs on them.
 //! - [`search`]: `cargo search` relayed upstream (rate-limited, cached) or answered locally.
 //! - [`server`]: the accept loop: hyper with header limits, timeouts and graceful drain.
@@ -29,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod downloads;
 pub mod error;
+pub mod git;
 pub mod index_cache;
 pub mod jobs;
 pub mod metrics;

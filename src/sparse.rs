@@ -64,6 +64,14 @@ impl PublicHosts {
     pub fn primary_url(&self) -> String {
         self.base_url_for(None)
     }
+
+    /// `scheme://authority` of every configured host, primary first.
+    pub fn all_base_urls(&self) -> Vec<String> {
+        std::iter::once(&self.primary)
+            .chain(&self.alternates)
+            .map(|h| format!("{}://{}", self.scheme.as_str(), h.authority(self.scheme)))
+            .collect()
+    }
 }
 
 /// The host a request named: the URI authority (HTTP/2) or the `Host` header.
@@ -175,6 +183,14 @@ mod tests {
     fn config_host_selection() {
         let h = hosts(r#"["mirror.internal:9000", "plain.internal"]"#);
         assert_eq!(h.primary_url(), "http://proxy.example:8000");
+        assert_eq!(
+            h.all_base_urls(),
+            [
+                "http://proxy.example:8000",
+                "http://mirror.internal:9000",
+                "http://plain.internal"
+            ]
+        );
         assert_eq!(
             h.base_url_for(Some("proxy.example:8000")),
             "http://proxy.example:8000"

@@ -30,6 +30,8 @@ fn bad_settings_stop_startup_naming_the_variable() {
         ("CRATERE_CLEANUP_CACHE_SCHEDULE", "nightly"),
         ("CRATERE_MAX_DAYS_UNUSED", "-3"),
         ("CRATERE_MAX_CACHE_SIZE", "a lot"),
+        ("CRATERE_UPSTREAM_GIT", "ftp://example.com/index"),
+        ("CRATERE_INDEX_UPDATE_SCHEDULE", "*/5 * *"),
     ] {
         let out = clean_env(&mut Command::new(BIN))
             .env(var, value)
@@ -75,6 +77,8 @@ fn help_documents_every_variable_with_its_default() {
         "CRATERE_CLEANUP_CACHE_SCHEDULE",
         "CRATERE_MAX_DAYS_UNUSED",
         "CRATERE_MAX_CACHE_SIZE",
+        "CRATERE_UPSTREAM_GIT",
+        "CRATERE_INDEX_UPDATE_SCHEDULE",
     ] {
         assert!(
             help.contains(&format!("env: {var}=")),
@@ -108,6 +112,7 @@ fn serves_without_a_subcommand_and_exits_cleanly_on_sigterm() {
             .env("CRATERE_CACHE", dir.path().join("crates"))
             .env("CRATERE_INDEX", dir.path().join("index"))
             .env("CRATERE_UPSTREAM_SPARSE", "http://127.0.0.1:9/")
+            .env("CRATERE_UPSTREAM_GIT", "http://127.0.0.1:9/index.git")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
@@ -212,4 +217,39 @@ async fn sigterm_lets_a_slow_download_finish_then_exits_zero() {
     assert_eq!(dl["cache"], "miss");
     assert_eq!(dl["complete"], true);
     assert!(dl["duration_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn sigterm_during_a_git_sync_that_hangs_upstream_exits_promptly() {
+    // An upstream that accepts connections and never answers.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/index.git", upstream.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = clean_env(&mut Command::new(BIN))
+        .env("CRATERE_LISTEN", "127.0.0.1:0")
+        .env("CRATERE_CACHE", dir.path().join("crates"))
+        .env("CRATERE_INDEX", dir.path().join("index"))
+        .env("CRATERE_UPSTREAM_SPARSE", "http://127.0.0.1:9/")
+        .env("CRATERE_UPSTREAM_GIT", &url)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The first sync starts at once; its `git fetch` connects and waits.
+    let (conn, _) = upstream.accept().unwrap();
+    let t0 = std::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t0.elapsed()
+    );
+    drop(conn);
 }

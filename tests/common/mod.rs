@@ -516,6 +516,9 @@ impl Proxy {
         c.upstream_failure_threshold = 1000;
         c.upstream_backoff = Duration::from_millis(100);
         c.host = "127.0.0.1".into();
+        // The git index syncs from GitHub by default; tests that want it point it at a
+        // fixture repository (tests/git_index.rs).
+        c.git_index = false;
         c
     }
 

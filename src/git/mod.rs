@@ -1,0 +1,267 @@
+//! The git index: a mirror of the upstream git index with `config.json` rewritten for each
+//! public host ([`mirror`]), served over git smart HTTP at `/crates.io-index` ([`http`]).
+//!
+//! Layout: ONE bare repository, `$CRATERE_INDEX/git/crates.io-index.git`, so every host shares
+//! one object store (the crates.io index is well over 1 GB; the per-host part is one commit,
+//! one root tree and one blob). Refs:
+//!
+//! - `refs/cratere/upstream`: upstream's head as last fetched (force-updated).
+//! - `refs/namespaces/<ns>/refs/heads/master`: the host's commit: upstream's tree with that
+//!   host's `config.json`, parent = upstream's head. `<ns>` is the host's `host[:port]`
+//!   percent-encoded ([`namespace_of`]).
+//! - `refs/namespaces/<ns>/HEAD`: symbolic ref to the master above.
+//! - `refs/namespaces/<ns>/refs/cratere/previous`: the commit served before the last sync,
+//!   hidden from clients, kept so that a protocol v0 client that saw the old ref
+//!   advertisement can still fetch it (see [`mirror`]).
+//!
+//! `git http-backend` runs with `GIT_NAMESPACE=<ns>`, so each host sees only its own refs.
+//! See docs/GIT_INDEX.md for the whole design.
+
+pub mod http;
+pub mod mirror;
+pub mod process;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use crate::config::{Config, GitRemote};
+use crate::jobs::Schedule;
+use crate::sparse::PublicHosts;
+
+/// Directory name of the mirror repository under `$CRATERE_INDEX/git/`.
+pub const REPO_DIR: &str = "crates.io-index.git";
+
+/// One public host's view of the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostView {
+    /// `scheme://authority`, as in the sparse config.json.
+    pub base_url: String,
+    /// Its git namespace.
+    pub namespace: String,
+    /// The bytes of its config.json.
+    pub config_json: String,
+}
+
+impl HostView {
+    pub fn new(base_url: &str) -> HostView {
+        let authority = base_url
+            .split_once("://")
+            .map(|(_, a)| a)
+            .unwrap_or(base_url);
+        HostView {
+            base_url: base_url.to_string(),
+            namespace: namespace_of(authority),
+            config_json: config_json(base_url),
+        }
+    }
+
+    pub fn master_ref(&self) -> String {
+        format!("refs/namespaces/{}/refs/heads/master", self.namespace)
+    }
+
+    pub fn head_ref(&self) -> String {
+        format!("refs/namespaces/{}/HEAD", self.namespace)
+    }
+
+    pub fn previous_ref(&self) -> String {
+        format!("refs/namespaces/{}/refs/cratere/previous", self.namespace)
+    }
+}
+
+/// A host's `config.json`, formatted like crates.io's (pretty, `dl` first, final newline).
+pub fn config_json(base_url: &str) -> String {
+    let q = |s: &str| serde_json::to_string(s).expect("strings serialize");
+    format!(
+        "{{\n  \"dl\": {},\n  \"api\": {}\n}}\n",
+        q(&format!("{base_url}/api/v1/crates")),
+        q(base_url)
+    )
+}
+
+/// The git namespace of a `host[:port]`: bytes other than `[a-z0-9-]` percent-encoded, which
+/// is injective and always a valid ref component (no `:`, `[`, leading `.`, `.lock`, ...).
+pub fn namespace_of(authority: &str) -> String {
+    let mut out = String::with_capacity(authority.len());
+    for b in authority.bytes() {
+        match b {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// What the last sync did, for /metrics and operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Upstream's head commit after the fetch.
+    pub upstream_head: String,
+    /// Whether any host's served commit moved.
+    pub changed: bool,
+    /// Upstream's new head does not descend from the previous one (a squash).
+    pub history_rewritten: bool,
+    /// Unreachable objects were pruned in this sync.
+    pub pruned: bool,
+}
+
+/// One sync attempt.
+#[derive(Debug, Clone)]
+pub struct SyncRecord {
+    pub started: DateTime<Utc>,
+    pub duration: Duration,
+    /// The report, or the error (logged in full; this is its one-line form).
+    pub result: Result<SyncReport, String>,
+}
+
+/// The mirror's state, published on a watch channel.
+#[derive(Debug, Clone, Default)]
+pub struct SyncStatus {
+    /// Every host's refs are published: set by a successful sync, or at the start of the first
+    /// sync when the mirror on disk already serves every host's current config.json.
+    pub ready: bool,
+    /// A sync is running.
+    pub running: bool,
+    /// The last attempt.
+    pub last: Option<SyncRecord>,
+    /// The last successful attempt.
+    pub last_success: Option<SyncRecord>,
+    pub attempts: u64,
+    pub failures: u64,
+}
+
+/// The git index mirror and its server side.
+pub struct GitIndex {
+    /// `$CRATERE_INDEX/git`: `GIT_PROJECT_ROOT` for http-backend, home of the sync lock.
+    root: PathBuf,
+    /// The bare repository.
+    repo: PathBuf,
+    upstream: GitRemote,
+    schedule: Schedule,
+    /// Primary first.
+    hosts: Vec<HostView>,
+    /// Held for a whole sync: syncs never overlap, whoever starts them.
+    sync_lock: tokio::sync::Mutex<()>,
+    status: watch::Sender<SyncStatus>,
+    /// Process ids of running `git http-backend`s.
+    backends: Arc<Mutex<HashSet<u32>>>,
+}
+
+impl GitIndex {
+    pub fn new(config: &Config, hosts: &PublicHosts) -> GitIndex {
+        let root = config.index.join("git");
+        GitIndex {
+            repo: root.join(REPO_DIR),
+            root,
+            upstream: config.upstream_git.clone(),
+            schedule: config.index_update_schedule.clone(),
+            hosts: hosts
+                .all_base_urls()
+                .iter()
+                .map(|b| HostView::new(b))
+                .collect(),
+            sync_lock: tokio::sync::Mutex::new(()),
+            status: watch::channel(SyncStatus::default()).0,
+            backends: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    /// The bare mirror repository.
+    pub fn repo_path(&self) -> &Path {
+        &self.repo
+    }
+
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    pub fn hosts(&self) -> &[HostView] {
+        &self.hosts
+    }
+
+    /// The view of the host with this base URL (from [`PublicHosts::base_url_for`]), or the
+    /// primary's.
+    pub fn host(&self, base_url: &str) -> &HostView {
+        self.hosts
+            .iter()
+            .find(|h| h.base_url == base_url)
+            .unwrap_or(&self.hosts[0])
+    }
+
+    /// The current status.
+    pub fn status(&self) -> SyncStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Status updates (tests wait on these instead of sleeping).
+    pub fn subscribe(&self) -> watch::Receiver<SyncStatus> {
+        self.status.subscribe()
+    }
+
+    /// Process ids of the `git http-backend`s serving requests right now.
+    pub fn running_backends(&self) -> Vec<u32> {
+        self.backends.lock().unwrap().iter().copied().collect()
+    }
+
+    /// Seconds a client should wait before retrying while the mirror is not ready: until the
+    /// next scheduled sync, within 5 s..5 min.
+    pub fn retry_after_secs(&self) -> u64 {
+        let now = Utc::now();
+        self.schedule
+            .next_after(now)
+            .map(|t| (t - now).num_seconds())
+            .unwrap_or(60)
+            .clamp(5, 300) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_are_valid_and_distinct() {
+        assert_eq!(namespace_of("localhost:8000"), "localhost%3A8000");
+        assert_eq!(namespace_of("alt.example"), "alt%2Eexample");
+        let names = [
+            "a:80",
+            "a_80",
+            "a%3A80",
+            "[::1]:8000",
+            "x.lock",
+            ".a",
+            "a..b",
+            "b.",
+        ];
+        let encoded: HashSet<String> = names.iter().map(|n| namespace_of(n)).collect();
+        assert_eq!(encoded.len(), names.len());
+        for ns in &encoded {
+            let out = std::process::Command::new("git")
+                .args(["check-ref-format", &format!("refs/namespaces/{ns}/HEAD")])
+                .status()
+                .unwrap();
+            assert!(out.success(), "{ns}");
+        }
+    }
+
+    #[test]
+    fn config_json_is_like_crates_ios() {
+        let c = config_json("http://proxy.example:8000");
+        assert_eq!(
+            c,
+            "{\n  \"dl\": \"http://proxy.example:8000/api/v1/crates\",\n  \"api\": \"http://proxy.example:8000\"\n}\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(&c).unwrap();
+        assert_eq!(v["dl"], "http://proxy.example:8000/api/v1/crates");
+        let h = HostView::new("https://mirror.internal");
+        assert_eq!(h.namespace, "mirror%2Einternal");
+        assert_eq!(
+            h.master_ref(),
+            "refs/namespaces/mirror%2Einternal/refs/heads/master"
+        );
+    }
+}
