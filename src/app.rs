@@ -161,6 +161,7 @@ async fn ready(State(st): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    refresh_gauges(&st);
     (
         [(
             header::CONTENT_TYPE,
@@ -168,6 +169,38 @@ async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
         )],
         st.metrics.encode(),
     )
+}
+
+/// Copies state kept elsewhere (breaker, git mirror, last cleanup) into the gauges.
+fn refresh_gauges(st: &AppState) {
+    st.metrics
+        .set_upstream_up(!st.downloads.upstream().breaker().is_open());
+    if let Some(git) = &st.git {
+        let s = git.status();
+        st.metrics.set_git_sync(&crate::metrics::GitSyncFigures {
+            ready: s.ready,
+            last_success_unix: s
+                .last_success
+                .as_ref()
+                .map(|r| r.started.timestamp_millis() as f64 / 1000.0),
+            last_duration: s.last.as_ref().map(|r| r.duration),
+            last_ok: s.last.as_ref().map(|r| r.result.is_ok()),
+            attempts: s.attempts,
+            failures: s.failures,
+        });
+    }
+    if let Some(r) = st.cleanup.last() {
+        st.metrics.set_cleanup(
+            r.at,
+            r.duration,
+            (
+                r.crate_files_removed,
+                r.crate_bytes_removed,
+                r.index_files_removed,
+                r.index_bytes_removed,
+            ),
+        );
+    }
 }
 
 async fn not_found() -> impl IntoResponse {
@@ -253,6 +286,7 @@ fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken
     crate::usage::spawn_flusher(state.usage.clone(), jobs, shutdown.clone());
     if let Some(schedule) = state.config.cleanup_cache_schedule.0.clone() {
         let (cleanup, stop) = (state.cleanup.clone(), shutdown.clone());
+        let metrics = state.metrics.clone();
         crate::jobs::spawn_scheduled(
             jobs,
             shutdown.clone(),
@@ -260,8 +294,17 @@ fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken
             schedule,
             FirstRun::OnSchedule,
             move || {
-                let (cleanup, stop) = (cleanup.clone(), stop.clone());
-                async move { cleanup.run_once(false, &stop).await.map(|_| ()) }
+                let (cleanup, stop, metrics) = (cleanup.clone(), stop.clone(), metrics.clone());
+                async move {
+                    if let crate::cleanup::Outcome::Done(pass) =
+                        cleanup.run_once(false, &stop).await?
+                    {
+                        // The pass counted what is left: exact figures for the gauges.
+                        let r = &pass.report;
+                        metrics.set_cache_size(r.crate_files_kept, r.crate_bytes_kept);
+                    }
+                    Ok(())
+                }
             },
         );
     }

@@ -108,6 +108,36 @@ struct Traffic {
 
 const TRAFFIC_MINUTES: u64 = 60;
 
+/// The last git index sync, refreshed from the mirror's status at each scrape.
+#[derive(Default)]
+struct GitGauges {
+    ready: Gauge,
+    last_success: Gauge<f64, AtomicU64>,
+    last_duration: Gauge<f64, AtomicU64>,
+    last_ok: Gauge,
+    attempts: Gauge,
+    failures: Gauge,
+}
+
+/// The last cache cleanup.
+#[derive(Default)]
+struct CleanupGauges {
+    last_run: Gauge<f64, AtomicU64>,
+    last_duration: Gauge<f64, AtomicU64>,
+    removed_files: Family<KindLabels, Gauge>,
+    removed_bytes: Family<KindLabels, Gauge>,
+}
+
+/// Figures of one git sync attempt for [`Metrics::set_git_sync`].
+pub struct GitSyncFigures {
+    pub ready: bool,
+    pub last_success_unix: Option<f64>,
+    pub last_duration: Option<Duration>,
+    pub last_ok: Option<bool>,
+    pub attempts: u64,
+    pub failures: u64,
+}
+
 pub struct Metrics {
     registry: Registry,
     cache: Family<CacheLabels, Counter>,
@@ -119,6 +149,9 @@ pub struct Metrics {
     downloads_in_flight: Gauge,
     cache_files: Gauge,
     cache_bytes: Gauge,
+    upstream_up: Gauge,
+    git: GitGauges,
+    cleanup: CleanupGauges,
     last_upstream_ok: AtomicI64,
     last_upstream_error: AtomicI64,
     last_upstream_error_text: Mutex<String>,
@@ -199,8 +232,70 @@ impl Metrics {
             "Bytes of crate files in the cache (as of the last scan, plus files added since)",
             cache_bytes.clone(),
         );
+        let upstream_up = Gauge::default();
+        registry.register(
+            "upstream_up",
+            "1 while upstream is considered up, 0 while marked down after repeated failures",
+            upstream_up.clone(),
+        );
+        upstream_up.set(1);
+        let git = GitGauges::default();
+        registry.register(
+            "git_index_ready",
+            "1 once the git index mirror serves every host",
+            git.ready.clone(),
+        );
+        registry.register(
+            "git_sync_last_success_timestamp_seconds",
+            "Start time of the last successful git index sync (unix seconds)",
+            git.last_success.clone(),
+        );
+        registry.register(
+            "git_sync_last_duration_seconds",
+            "Duration of the last git index sync attempt",
+            git.last_duration.clone(),
+        );
+        registry.register(
+            "git_sync_last_ok",
+            "1 if the last git index sync attempt succeeded, 0 if it failed",
+            git.last_ok.clone(),
+        );
+        registry.register(
+            "git_sync_attempts",
+            "Git index sync attempts since start",
+            git.attempts.clone(),
+        );
+        registry.register(
+            "git_sync_failures",
+            "Failed git index sync attempts since start",
+            git.failures.clone(),
+        );
+        let cleanup = CleanupGauges::default();
+        registry.register(
+            "cleanup_last_run_timestamp_seconds",
+            "Start time of the last cache cleanup (unix seconds)",
+            cleanup.last_run.clone(),
+        );
+        registry.register(
+            "cleanup_last_duration_seconds",
+            "Duration of the last cache cleanup",
+            cleanup.last_duration.clone(),
+        );
+        registry.register(
+            "cleanup_last_removed_files",
+            "Files removed by the last cache cleanup",
+            cleanup.removed_files.clone(),
+        );
+        registry.register(
+            "cleanup_last_removed_bytes",
+            "Bytes removed by the last cache cleanup",
+            cleanup.removed_bytes.clone(),
+        );
         Metrics {
             registry,
+            upstream_up,
+            git,
+            cleanup,
             cache,
             coalesced,
             requests,
@@ -375,6 +470,40 @@ impl Metrics {
 
     pub fn started(&self) -> SystemTime {
         self.started
+    }
+
+    pub fn set_upstream_up(&self, up: bool) {
+        self.upstream_up.set(up as i64);
+    }
+
+    pub fn set_git_sync(&self, f: &GitSyncFigures) {
+        self.git.ready.set(f.ready as i64);
+        if let Some(t) = f.last_success_unix {
+            self.git.last_success.set(t);
+        }
+        if let Some(d) = f.last_duration {
+            self.git.last_duration.set(d.as_secs_f64());
+        }
+        if let Some(ok) = f.last_ok {
+            self.git.last_ok.set(ok as i64);
+        }
+        self.git.attempts.set(f.attempts as i64);
+        self.git.failures.set(f.failures as i64);
+    }
+
+    /// Records a finished cleanup: (crate files, crate bytes, index files, index bytes) removed.
+    pub fn set_cleanup(&self, at: SystemTime, duration: Duration, removed: (u64, u64, u64, u64)) {
+        let unix = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.cleanup.last_run.set(unix.as_secs_f64());
+        self.cleanup.last_duration.set(duration.as_secs_f64());
+        let (cf, cb, inf, ib) = removed;
+        let set = |fam: &Family<KindLabels, Gauge>, kind, v: u64| {
+            fam.get_or_create(&KindLabels { kind }).set(v as i64);
+        };
+        set(&self.cleanup.removed_files, Kind::Crate, cf);
+        set(&self.cleanup.removed_bytes, Kind::Crate, cb);
+        set(&self.cleanup.removed_files, Kind::Index, inf);
+        set(&self.cleanup.removed_bytes, Kind::Index, ib);
     }
 
     /// Prometheus text exposition.

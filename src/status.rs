@@ -117,10 +117,48 @@ pub async fn page(State(st): State<AppState>, uri: Uri, headers: HeaderMap) -> i
     let uptime = humantime::format_duration(std::time::Duration::from_secs(
         m.started().elapsed().unwrap_or_default().as_secs(),
     ));
-    let git = if st.config.git_index {
-        "enabled".to_string()
-    } else {
-        "disabled (CRATERE_GIT_INDEX=false)".to_string()
+    let git = match &st.git {
+        None => "disabled (CRATERE_GIT_INDEX=false)".to_string(),
+        Some(g) => {
+            let s = g.status();
+            let state = if s.running {
+                "syncing now"
+            } else if s.ready {
+                "serving"
+            } else {
+                "waiting for the first sync"
+            };
+            let last = match &s.last {
+                None => "no sync yet".to_string(),
+                Some(r) => {
+                    let when = ago(r.started.timestamp());
+                    match &r.result {
+                        Ok(rep) => format!(
+                            "last sync {when} ok in {:.1} s, upstream head {}",
+                            r.duration.as_secs_f64(),
+                            rep.upstream_head.get(..12).unwrap_or(&rep.upstream_head)
+                        ),
+                        Err(e) => format!("last sync {when} FAILED: {e}"),
+                    }
+                }
+            };
+            format!("{state}; {last}")
+        }
+    };
+    let cleanup = match st.cleanup.last() {
+        None => "not run yet".to_string(),
+        Some(r) => format!(
+            "{} — removed {} crate files ({}) and {} index files in {:.1} s",
+            ago(r
+                .at
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs() as i64),
+            r.crate_files_removed,
+            human_bytes(r.crate_bytes_removed),
+            r.index_files_removed,
+            r.duration.as_secs_f64()
+        ),
     };
     let traffic = m.traffic();
     let last_hour: u64 = traffic.iter().map(|t| t.0).sum();
@@ -166,7 +204,7 @@ registry = "{base}/crates.io-index"</pre>
 <tr><th>Served from cache / fetched upstream</th><td>{served} / {fetched}</td></tr>
 <tr><th>Upstream</th><td id="upstream">{upstream_state}</td></tr>
 <tr><th>Git index</th><td id="git-index">{git}</td></tr>
-<tr><th>Last cleanup</th><td id="cleanup">not run yet</td></tr>
+<tr><th>Last cleanup</th><td id="cleanup">{cleanup}</td></tr>
 <tr><th>Up for</th><td>{uptime}</td></tr>
 </table>
 
@@ -185,6 +223,7 @@ registry = "{base}/crates.io-index"</pre>
         served = human_bytes(m.bytes_served_from_cache()),
         fetched = human_bytes(m.bytes_fetched_from_upstream()),
         git = esc(&git),
+        cleanup = esc(&cleanup),
         uptime = esc(&uptime.to_string()),
         chart = chart(&traffic),
     );

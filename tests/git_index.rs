@@ -426,6 +426,19 @@ async fn a_scheduled_sync_picks_up_an_upstream_commit() {
     clone_ok(&proxy, &c, &[]).await;
     assert_eq!(read(&c.join("se/rd/serde")), up.index_file("serde"));
     assert_eq!(read(&c.join("config.json")), config_json(&proxy.url));
+
+    // The operations view of the same: metrics and the status page.
+    assert_eq!(proxy.metric("cratere_git_index_ready").await, 1.0);
+    assert_eq!(proxy.metric("cratere_git_sync_last_ok").await, 1.0);
+    assert!(proxy.metric("cratere_git_sync_attempts").await >= 2.0);
+    assert!(
+        proxy
+            .metric("cratere_git_sync_last_success_timestamp_seconds")
+            .await
+            > 1.7e9
+    );
+    let page = proxy.get("/").await.text().await.unwrap();
+    assert!(page.contains("serving; last sync"), "{page}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -107,3 +107,42 @@ async fn health_and_readiness() {
     assert!(r.text().await.unwrap().contains("CRATERE_CACHE"));
     assert_eq!(proxy.get("/health").await.status(), 200, "still alive");
 }
+
+#[tokio::test]
+async fn cleanup_results_reach_the_metrics_and_the_status_page() {
+    let up = FakeUpstream::start().await;
+    up.publish("old", "1.0.0", 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.max_cache_size = Some(1); // everything goes
+    let proxy = Proxy::start_with(cfg).await;
+    proxy
+        .get("/api/v1/crates/old/1.0.0/download")
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    proxy.state.cleanup.run_once(false, &stop).await.unwrap();
+    assert_eq!(
+        proxy
+            .metric("cratere_cleanup_last_removed_files{kind=\"crate\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("cratere_cleanup_last_removed_bytes{kind=\"crate\"}")
+            .await,
+        1000.0
+    );
+    assert!(
+        proxy
+            .metric("cratere_cleanup_last_run_timestamp_seconds")
+            .await
+            > 1.7e9
+    );
+    assert_eq!(proxy.metric("cratere_upstream_up").await, 1.0);
+    let page = proxy.get("/").await.text().await.unwrap();
+    assert!(page.contains("removed 1 crate files (1000 B)"), "{page}");
+}
