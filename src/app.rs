@@ -224,10 +224,15 @@ pub async fn run(
         max_headers: config.max_headers,
         header_read_timeout: config.header_read_timeout,
     };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::server::tls_acceptor(cert, key)?),
+        _ => None,
+    };
     crate::server::serve(
         listener,
         router(state),
         limits,
+        tls,
         shutdown.clone(),
         config.shutdown_grace,
     )

@@ -492,6 +492,15 @@ pub struct Config {
           value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// PEM certificate chain: serve HTTPS (ALPN h2 and http/1.1) instead of plain HTTP.
+    /// Needs CRATERE_TLS_KEY.
+    #[arg(long, env = "CRATERE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of CRATERE_TLS_CERT.
+    #[arg(long, env = "CRATERE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Log format: `text` or `json` (filter with RUST_LOG).
     #[arg(long, env = "CRATERE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

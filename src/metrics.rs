@@ -89,6 +89,11 @@ struct RequestLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     kind: Kind,
     error: String,
@@ -143,6 +148,7 @@ pub struct Metrics {
     cache: Family<CacheLabels, Counter>,
     coalesced: Family<KindLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
+    versions: Family<VersionLabels, Counter>,
     bytes: Family<SourceLabels, Counter>,
     upstream_latency: Family<KindLabels, Histogram>,
     upstream_errors: Family<ErrorLabels, Counter>,
@@ -193,6 +199,12 @@ impl Metrics {
             "http_requests",
             "HTTP requests by route and status",
             requests.clone(),
+        );
+        let versions = Family::<VersionLabels, Counter>::default();
+        registry.register(
+            "http_requests_by_version",
+            "HTTP requests by protocol version (HTTP/1.1, HTTP/2.0)",
+            versions.clone(),
         );
         let bytes = Family::<SourceLabels, Counter>::default();
         registry.register(
@@ -299,6 +311,7 @@ impl Metrics {
             cache,
             coalesced,
             requests,
+            versions,
             bytes,
             upstream_latency,
             upstream_errors,
@@ -328,6 +341,13 @@ impl Metrics {
 
     pub fn coalesced(&self, kind: Kind) {
         self.coalesced.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// The protocol version of a request.
+    pub fn request_version(&self, version: &'static str) {
+        self.versions
+            .get_or_create(&VersionLabels { version })
+            .inc();
     }
 
     /// One finished HTTP request.

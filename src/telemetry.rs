@@ -36,6 +36,13 @@ pub fn init(format: LogFormat, default_filter: &str) {
 pub async fn access_log(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
+    let version = match req.version() {
+        axum::http::Version::HTTP_2 => "HTTP/2.0",
+        axum::http::Version::HTTP_10 => "HTTP/1.0",
+        axum::http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    };
+    metrics.request_version(version);
     let path = req.uri().path().to_string();
     let route = req
         .extensions()
@@ -60,6 +67,7 @@ pub async fn access_log(State(metrics): State<Arc<Metrics>>, req: Request, next:
         metrics,
         start,
         method: method.to_string(),
+        version,
         path,
         route,
         status,
@@ -82,6 +90,7 @@ struct AccessRecord {
     expected: Option<u64>,
     start: Instant,
     method: String,
+    version: &'static str,
     path: String,
     route: String,
     status: u16,
@@ -100,6 +109,7 @@ impl AccessRecord {
         tracing::info!(
             target: "cratere::access",
             method = %self.method,
+            version = self.version,
             path = %self.path,
             status = self.status,
             bytes = self.bytes,

@@ -1,0 +1,127 @@
+//! HTTPS with rustls: ALPN negotiates HTTP/2 (or HTTP/1.1), and the real cargo fetches through
+//! the proxy over HTTP/2 with the proxy's certificate as its CA.
+
+mod common;
+
+use common::cargo::{cargo, package_crates, publish_packaged, write, write_app_project};
+use common::{FakeUpstream, Proxy};
+
+struct Tls {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    pem: String,
+}
+
+fn self_signed(dir: &std::path::Path) -> Tls {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let pem = ck.cert.pem();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, &pem).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    Tls { cert, key, pem }
+}
+
+async fn tls_proxy(up: &FakeUpstream, dir: &std::path::Path) -> (Proxy, Tls, String) {
+    let tls = self_signed(dir);
+    let mut cfg = Proxy::config(&up.url, &dir.join("data"));
+    cfg.scheme = cratere::config::Scheme::Https;
+    cfg.host = "localhost".into();
+    cfg.tls_cert = Some(tls.cert.clone());
+    cfg.tls_key = Some(tls.key.clone());
+    let proxy = Proxy::start_with(cfg).await;
+    let base = format!("https://localhost:{}", proxy.addr.port());
+    (proxy, tls, base)
+}
+
+#[tokio::test]
+async fn https_negotiates_http2_and_http1() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, tls, base) = tls_proxy(&up, dir.path()).await;
+    let ca = reqwest::Certificate::from_pem(tls.pem.as_bytes()).unwrap();
+    let resolve = ("localhost", proxy.addr);
+    let h2 = reqwest::Client::builder()
+        .add_root_certificate(ca.clone())
+        .resolve(resolve.0, resolve.1)
+        .build()
+        .unwrap();
+    let r = h2
+        .get(format!("{base}/index/config.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["dl"], format!("{base}/api/v1/crates"));
+    let h1 = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .resolve(resolve.0, resolve.1)
+        .http1_only()
+        .build()
+        .unwrap();
+    let r = h1.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.status(), 200);
+    // Plain HTTP on the TLS port is refused.
+    let plain = common::client()
+        .get(format!("http://{}/health", proxy.addr))
+        .send()
+        .await;
+    assert!(plain.is_err() || plain.unwrap().status() != 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cargo_fetches_over_https_and_http2() {
+    let work = tempfile::tempdir().unwrap();
+    let crates = package_crates(&work.path().join("src-crates"));
+    let up = FakeUpstream::start().await;
+    publish_packaged(&up, &crates);
+    let (proxy, tls, base) = tls_proxy(&up, work.path()).await;
+    let project = work.path().join("app");
+    write_app_project(&project);
+    let home = work.path().join("home");
+    write(
+        &home.join("config.toml"),
+        &format!(
+            "[source.crates-io]\nreplace-with = \"cratere\"\n[source.cratere]\n\
+             registry = \"sparse+{base}/index/\"\n[http]\ncainfo = \"{}\"\n[net]\nretry = 0\n",
+            tls.cert.display()
+        ),
+    );
+    let out = tokio::task::spawn_blocking(move || cargo(&project, &home, &["fetch"]))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = &proxy.state.metrics;
+    use cratere::metrics::{Kind, Outcome};
+    assert_eq!(m.cache_count(Kind::Crate, Outcome::Miss), 3);
+    let text = m.encode();
+    assert!(
+        text.contains("cratere_http_requests_by_version_total{version=\"HTTP/2.0\"}"),
+        "cargo spoke HTTP/2:\n{text}"
+    );
+    assert!(!text.contains("version=\"HTTP/1.1\""), "and only HTTP/2");
+}
+
+#[tokio::test]
+async fn plain_http_serves_http2_with_prior_knowledge() {
+    let up = FakeUpstream::start().await;
+    up.publish("h2c", "1.0.0", 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("{}/api/v1/crates/h2c/1.0.0/download", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.bytes().await.unwrap().len(), 1000);
+}
