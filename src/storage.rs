@@ -70,8 +70,12 @@ impl FsStore {
     /// A new temp file in the store's temp directory (same filesystem as the final place, so
     /// the rename is atomic). Dropped without [`FsStore::persist`], it is deleted.
     pub fn temp_file(&self) -> io::Result<NamedTempFile> {
+        use std::os::unix::fs::PermissionsExt;
+        // Cached files are public data: readable by other local users and tools (backups,
+        // a web server pointed at the cache), like the files cargo itself writes.
         let tmp = tempfile::Builder::new()
             .prefix("w-")
+            .permissions(std::fs::Permissions::from_mode(0o644))
             .tempfile_in(self.root.join(TMP_DIR))?;
         tmp.as_file().lock()?;
         Ok(tmp)

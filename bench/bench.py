@@ -1,0 +1,426 @@
+#!/usr/bin/env python3
+"""Cratere benchmarks, side by side (run through bench/run.sh).
+
+1. cached .crate downloads: requests/s and MB/s at 1, 64, 256 connections, Cratere vs nginx
+   serving the same files as static files;
+2. cached sparse index files, likewise;
+3. a cache miss: time to first and last byte, through Cratere vs straight from upstream;
+4. `cargo fetch` and `cargo generate-lockfile` of bench/project (~550 packages), cold and warm,
+   through Cratere (plain HTTP and HTTPS/HTTP2) vs straight from upstream, fresh CARGO_HOME each;
+5. memory: RSS idle, under load, after load;
+6. a clone of the git index served by Cratere.
+Contenders alternate within each round; the report gives medians and ratios.
+"""
+
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target" / "release" / "cratere"
+PROJECT = ROOT / "bench" / "project"
+SECS = int(os.environ.get("SECS", "10"))
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+ONLY = os.environ.get("ONLY", "")
+UPSTREAM = "https://index.crates.io/"
+W = Path(tempfile.mkdtemp(prefix="cratere-bench-"))
+W.chmod(0o755)  # nginx workers read the cache through it
+PROCS = []
+REPORT = []
+
+
+def out(line=""):
+    print(line, flush=True)
+    REPORT.append(line)
+
+
+def want(part):
+    return not ONLY or part in ONLY.split(",")
+
+
+def prefix(name):
+    n = name.lower()
+    return {1: "1", 2: "2", 3: f"3/{n[0]}"}.get(len(n), f"{n[:2]}/{n[2:4]}")
+
+
+def wait_http(url, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def cratere(name, port, extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRATERE_")}
+    env.update(
+        CRATERE_LISTEN=f"127.0.0.1:{port}",
+        CRATERE_PORT=str(port),
+        CRATERE_HOST="127.0.0.1",
+        CRATERE_CACHE=str(W / name / "crates"),
+        CRATERE_INDEX=str(W / name / "index"),
+        CRATERE_GIT_INDEX="false",
+        CRATERE_INDEX_TTL="1h",
+        CRATERE_CLEANUP_CACHE_SCHEDULE="off",
+        RUST_LOG="warn",
+    )
+    env.update(extra or {})
+    log = open(W / f"{name}.log", "a")
+    p = subprocess.Popen([str(BIN)], env=env, stdout=log, stderr=log)
+    PROCS.append(p)
+    scheme = "https" if "CRATERE_TLS_CERT" in env else "http"
+    if scheme == "http":
+        wait_http(f"http://127.0.0.1:{port}/health")
+    else:
+        time.sleep(1.0)
+    return p
+
+
+def stop(p):
+    p.terminate()
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def to_mb(value):
+    units = {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3}
+    for u in ("GB", "MB", "KB", "B"):
+        if value.endswith(u):
+            return float(value[: -len(u)]) * units[u] * 1.048576
+    return float(value)
+
+
+def wrk(base, paths, conns):
+    script = W / "paths.lua"
+    listing = ",".join(f'"{p}"' for p in paths)
+    script.write_text(
+        f"local paths = {{{listing}}}\nlocal i = 0\n"
+        "request = function() i = i + 1; return wrk.format('GET', paths[(i % #paths) + 1]) end\n"
+    )
+    threads = min(2, conns)
+    r = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{conns}", f"-d{SECS}s", "--timeout", "10s", "-s", str(script), base],
+        capture_output=True, text=True, check=True,
+    )
+    rps = mbps = 0.0
+    errors = ""
+    for line in r.stdout.splitlines():
+        if line.startswith("Requests/sec:"):
+            rps = float(line.split()[1])
+        if line.startswith("Transfer/sec:"):
+            mbps = to_mb(line.split()[1])
+        if "Socket errors" in line or "Non-2xx" in line:
+            errors += line.strip() + " "
+    return rps, mbps, errors
+
+
+def timed(cmd, **kw):
+    t = time.time()
+    subprocess.run(cmd, check=True, capture_output=True, **kw)
+    return time.time() - t
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def cargo_home(path, registry=None, cainfo=None):
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = ""
+    if registry:
+        cfg += f'[source.crates-io]\nreplace-with = "cratere"\n[source.cratere]\nregistry = "{registry}"\n'
+    if cainfo:
+        cfg += f'[http]\ncainfo = "{cainfo}"\n'
+    (path / "config.toml").write_text(cfg)
+    return path
+
+
+def packages():
+    lock = tomllib.load(open(PROJECT / "Cargo.lock", "rb"))
+    return [(p["name"], p["version"], p["checksum"]) for p in lock["package"] if "checksum" in p]
+
+
+def setup_main():
+    """Warm a cache with the bench project, start Cratere on it, mirror the files for nginx."""
+    env = dict(os.environ, CRATERE_CACHE=str(W / "main/crates"), CRATERE_INDEX=str(W / "main/index"),
+               CRATERE_GIT_INDEX="false")
+    t = time.time()
+    subprocess.run([str(BIN), "warm", str(PROJECT / "Cargo.lock")], env=env, check=True, capture_output=True)
+    out(f"(warmed {len(packages())} packages into the cache in {time.time() - t:.1f} s)")
+    static = W / "static"
+    (static / "index").mkdir(parents=True)
+    os.symlink(W / "main/crates", static / "crates")
+    sparse = W / "main/index/sparse"
+    for f in sparse.rglob("*"):
+        rel = f.relative_to(sparse)
+        if f.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.name != "config.json":
+            data = f.read_bytes()
+            body = data[data.index(b"\n") + 1 :]
+            dest = static / "index" / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(body)
+    conf = W / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+user {os.environ.get("USER", "root") if os.getuid() == 0 else "nobody"};
+worker_processes 2;
+pid {W}/nginx.pid;
+error_log {W}/nginx.err;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  tcp_nodelay on;
+  keepalive_requests 1000000;
+  keepalive_timeout 60;
+  default_type application/octet-stream;
+  server {{ listen 127.0.0.1:18200; root {static}; }}
+}}
+""")
+    nginx = subprocess.Popen(["nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    PROCS.append(nginx)
+    main = cratere("main", 18100)
+    time.sleep(1)
+    return main
+
+
+def compare_hits(main, title, cratere_paths, nginx_paths):
+    out(f"\n### {title}\n")
+    out("| connections | Cratere req/s | nginx req/s | ratio | Cratere MB/s | nginx MB/s |")
+    out("| --- | --- | --- | --- | --- | --- |")
+    peak = 0
+    for conns in (1, 64, 256):
+        c_rps, n_rps, c_mb, n_mb = [], [], [], []
+        for r in range(ROUNDS):
+            order = ["c", "n"] if r % 2 == 0 else ["n", "c"]
+            for who in order:
+                if who == "c":
+                    sampler = Sampler(main.pid)
+                    rps, mb, err = wrk("http://127.0.0.1:18100", cratere_paths, conns)
+                    peak = max(peak, sampler.stop())
+                    c_rps.append(rps); c_mb.append(mb)
+                else:
+                    rps, mb, err = wrk("http://127.0.0.1:18200", nginx_paths, conns)
+                    n_rps.append(rps); n_mb.append(mb)
+                if err:
+                    out(f"<!-- {who} {conns}: {err} -->")
+        out(f"| {conns} | {med(c_rps):,.0f} | {med(n_rps):,.0f} | {med(c_rps) / med(n_rps):.2f}× "
+            f"| {med(c_mb):,.1f} | {med(n_mb):,.1f} |")
+    return peak
+
+
+class Sampler:
+    def __init__(self, pid):
+        self.pid, self.peak, self.done = pid, 0, False
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        while not self.done:
+            self.peak = max(self.peak, rss_kib(self.pid))
+            time.sleep(0.1)
+
+    def stop(self):
+        self.done = True
+        self.t.join()
+        return self.peak
+
+
+def bench_miss(pkgs):
+    out("\n### Cache miss: one .crate, time to first / last byte (s)\n")
+    with urllib.request.urlopen(UPSTREAM + "config.json") as r:
+        import json
+        dl = json.load(r)["dl"]
+    # The largest crates of the project show the streaming best.
+    sizes = []
+    for name, version, _ in pkgs:
+        f = W / "main/crates" / prefix(name) / name.lower() / f"{name.lower()}-{version}.crate"
+        if f.exists():
+            sizes.append((f.stat().st_size, name, version))
+    picks = [(n, v) for _, n, v in sorted(sizes, reverse=True)[:6]]
+    fmt = "%{time_starttransfer} %{time_total}"
+    res = {"c": ([], []), "d": ([], [])}
+    for r in range(ROUNDS):
+        cold = cratere(f"cold-miss-{r}", 18101 + r)
+        port = 18101 + r
+        for i, (name, version) in enumerate(picks):
+            order = ["c", "d"] if (r + i) % 2 == 0 else ["d", "c"]
+            for who in order:
+                url = (f"http://127.0.0.1:{port}/api/v1/crates/{name}/{version}/download" if who == "c"
+                       else f"{dl}/{name}/{version}/download")
+                o = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", fmt, url], capture_output=True, text=True, check=True)
+                a, b = map(float, o.stdout.split())
+                res[who][0].append(a); res[who][1].append(b)
+        stop(cold)
+    out("| | first byte | last byte |")
+    out("| --- | --- | --- |")
+    out(f"| upstream direct | {med(res['d'][0]):.3f} | {med(res['d'][1]):.3f} |")
+    out(f"| through Cratere (miss) | {med(res['c'][0]):.3f} | {med(res['c'][1]):.3f} |")
+    out(f"| ratio | {med(res['c'][0]) / med(res['d'][0]):.2f}× | {med(res['c'][1]) / med(res['d'][1]):.2f}× |")
+    out(f"\n(crates: {', '.join(f'{n} {v}' for n, v in picks)}; medians of {ROUNDS} rounds)")
+
+
+def bench_cargo():
+    out("\n### cargo, ~550-package project, fresh CARGO_HOME each run (s)\n")
+    proj = W / "proj"
+    shutil.copytree(PROJECT, proj)
+    unlocked = W / "proj-unlocked"
+    shutil.copytree(PROJECT, unlocked)
+    cert, key = W / "cert.pem", W / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    rows = {k: [] for k in ["fetch direct", "fetch cold", "fetch warm", "fetch cold https", "fetch warm https",
+                            "lock direct", "lock cold", "lock warm", "lock cold https", "lock warm https"]}
+    n = 0
+
+    def home(registry=None, cainfo=None):
+        nonlocal n
+        n += 1
+        return cargo_home(W / f"home{n}", registry, cainfo)
+
+    def fetch(h):
+        return timed(["cargo", "fetch", "--locked"], cwd=proj, env=dict(os.environ, CARGO_HOME=str(h)))
+
+    def lock(h):
+        (unlocked / "Cargo.lock").unlink(missing_ok=True)
+        return timed(["cargo", "generate-lockfile"], cwd=unlocked, env=dict(os.environ, CARGO_HOME=str(h)))
+
+    for r in range(ROUNDS):
+        plain, tls = 18110 + 2 * r, 18111 + 2 * r
+        order = ["direct", "plain", "tls"] if r % 2 == 0 else ["tls", "plain", "direct"]
+        for who in order:
+            if who == "direct":
+                rows["fetch direct"].append(fetch(home()))
+                rows["lock direct"].append(lock(home()))
+            elif who == "plain":
+                p = cratere(f"cargo-plain-{r}", plain)
+                reg = f"sparse+http://127.0.0.1:{plain}/index/"
+                rows["lock cold"].append(lock(home(reg)))  # index only: a cold resolve
+                rows["fetch cold"].append(fetch(home(reg)))
+                rows["fetch warm"].append(fetch(home(reg)))
+                rows["lock warm"].append(lock(home(reg)))
+                stop(p)
+            else:
+                p = cratere(f"cargo-tls-{r}", tls, {"CRATERE_TLS_CERT": str(cert), "CRATERE_TLS_KEY": str(key),
+                                                    "CRATERE_SCHEME": "https", "CRATERE_HOST": "localhost"})
+                reg = f"sparse+https://localhost:{tls}/index/"
+                rows["lock cold https"].append(lock(home(reg, cert)))
+                rows["fetch cold https"].append(fetch(home(reg, cert)))
+                rows["fetch warm https"].append(fetch(home(reg, cert)))
+                rows["lock warm https"].append(lock(home(reg, cert)))
+                stop(p)
+    out("| command | direct to upstream | Cratere cold | Cratere warm | Cratere cold, HTTPS+h2 | Cratere warm, HTTPS+h2 |")
+    out("| --- | --- | --- | --- | --- | --- |")
+    for cmd, label in (("fetch", "`cargo fetch --locked`"), ("lock", "`cargo generate-lockfile`")):
+        d = med(rows[f"{cmd} direct"])
+        cells = [f"{d:.1f}"]
+        for k in ("cold", "warm", "cold https", "warm https"):
+            v = med(rows[f"{cmd} {k}"])
+            cells.append(f"{v:.1f} ({v / d:.2f}×)")
+        out(f"| {label} | " + " | ".join(cells) + " |")
+    out(f"\n(medians of {ROUNDS} rounds; cold = a new, empty Cratere cache; warm = the same Cratere right after)")
+
+
+def bench_git(pkgs):
+    out("\n### Git index clone\n")
+    fixture = W / "fixture-index"
+    sparse = W / "main/index/sparse"
+    fixture.mkdir()
+    subprocess.run(["git", "init", "-q", "-b", "master", str(fixture)], check=True)
+    for f in sparse.rglob("*"):
+        rel = f.relative_to(sparse)
+        if f.is_file() and not any(p.startswith(".") for p in rel.parts) and rel.name != "config.json":
+            data = f.read_bytes()
+            dest = fixture / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data[data.index(b"\n") + 1 :])
+    (fixture / "config.json").write_text('{"dl": "https://static.crates.io/crates", "api": "https://crates.io"}\n')
+    g = ["git", "-C", str(fixture), "-c", "user.name=b", "-c", "user.email=b@b"]
+    subprocess.run(g + ["add", "-A"], check=True)
+    subprocess.run(g + ["commit", "-qm", "index"], check=True)
+    p = cratere("git", 18120, {"CRATERE_GIT_INDEX": "true", "CRATERE_UPSTREAM_GIT": str(fixture)})
+    wait_http("http://127.0.0.1:18120/crates.io-index/info/refs?service=git-upload-pack")
+    via, direct = [], []
+    for r in range(ROUNDS):
+        for who in (["c", "d"] if r % 2 == 0 else ["d", "c"]):
+            dest = W / f"clone-{who}-{r}"
+            src = "http://127.0.0.1:18120/crates.io-index" if who == "c" else f"file://{fixture}"
+            t = timed(["git", "clone", "-q", "--bare", src, str(dest)])
+            (via if who == "c" else direct).append(t)
+    stop(p)
+    size = sum(f.stat().st_size for f in fixture.rglob("*") if f.is_file() and ".git" not in f.parts)
+    out("| | clone time (s) |")
+    out("| --- | --- |")
+    out(f"| `git clone` through Cratere (smart HTTP) | {med(via):.2f} |")
+    out(f"| `git clone file://` of the same repository | {med(direct):.2f} |")
+    out(f"\n({len(pkgs)} packages' index files, {size / 1e6:.1f} MB of index text; medians of {ROUNDS} rounds)")
+
+
+def main():
+    pkgs = packages()
+    out(f"## Results ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, SECS={SECS}, ROUNDS={ROUNDS})")
+    main_proc = setup_main()
+    idle = rss_kib(main_proc.pid)
+    peak = 0
+    if want("hits"):
+        crates_c, crates_n = [], []
+        for name, version, _ in pkgs:
+            lower = name.lower()
+            rel = f"{prefix(name)}/{lower}/{lower}-{version}.crate"
+            if (W / "main/crates" / rel).exists():
+                crates_c.append(f"/api/v1/crates/{name}/{version}/download")
+                crates_n.append(f"/crates/{rel}")
+        peak = max(peak, compare_hits(main_proc, f"Cached .crate downloads ({len(crates_c)} files, round-robin)", crates_c, crates_n))
+    if want("index"):
+        idx = sorted({f"/index/{prefix(n)}/{n.lower()}" for n, _, _ in pkgs})
+        idx = [p for p in idx if (W / "static" / p.lstrip("/")).exists()]
+        peak = max(peak, compare_hits(main_proc, f"Cached sparse index files ({len(idx)} files, round-robin)", idx, idx))
+    after = rss_kib(main_proc.pid)
+    if want("memory") or want("hits"):
+        out("\n### Memory (RSS of the Cratere serving the benchmarks)\n")
+        out("| idle | peak under load (up to 256 connections) | after load |")
+        out("| --- | --- | --- |")
+        out(f"| {idle / 1024:.1f} MiB | {peak / 1024:.1f} MiB | {after / 1024:.1f} MiB |")
+    if want("miss"):
+        bench_miss(pkgs)
+    if want("cargo"):
+        bench_cargo()
+    if want("git"):
+        bench_git(pkgs)
+
+
+try:
+    main()
+finally:
+    for p in PROCS:
+        try:
+            stop(p)
+        except Exception:
+            pass
+    if not os.environ.get("KEEP"):
+        shutil.rmtree(W, ignore_errors=True)
+    (ROOT / "bench" / "last-report.md").write_text("\n".join(REPORT) + "\n")
