@@ -202,10 +202,14 @@ impl Downloads {
         // Two rounds: if a fetch finds the file already cached (a race with another fetch
         // finishing), read it from the cache.
         for _ in 0..2 {
-            if let Some((file, len)) = self.store.open_read(&key.as_relative()).await? {
+            if let Some((file, len, head)) = self
+                .store
+                .open_with_head(&key.as_relative(), READ_CHUNK)
+                .await?
+            {
                 self.usage.record_crate(&key);
                 return Ok(Download {
-                    body: file_body(file),
+                    body: file_body(file, len, head),
                     len: Some(len),
                     hit: true,
                 });
@@ -516,11 +520,15 @@ async fn write_blocking(
         .map_err(std::io::Error::other)?
 }
 
-/// Streams a whole cached file.
-pub fn file_body(file: tokio::fs::File) -> Body {
-    Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-        file, READ_CHUNK,
-    ))
+/// A cached file's body: its first chunk (already read), then the rest streamed in chunks.
+pub fn file_body(file: std::fs::File, len: u64, head: Bytes) -> Body {
+    if head.len() as u64 == len {
+        return Body::from(head);
+    }
+    let rest =
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), READ_CHUNK);
+    let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) });
+    Body::from_stream(futures_util::StreamExt::chain(first, rest))
 }
 
 /// Streams an in-flight download to one client: everything written so far, then more as it

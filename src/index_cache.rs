@@ -185,7 +185,19 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 async fn read_entry(store: &FsStore, key: &IndexKey) -> Option<Entry> {
     let path = store.path(&key.relative());
-    let (data, meta) = match tokio::try_join!(tokio::fs::read(&path), tokio::fs::metadata(&path)) {
+    // One blocking hop for open, stat and read (this is the hot path of every index hit).
+    let p = path.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&p)?;
+        let meta = f.metadata()?;
+        let mut data = Vec::with_capacity(meta.len() as usize + 1);
+        f.read_to_end(&mut data)?;
+        Ok::<_, std::io::Error>((data, meta))
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    let (data, meta) = match read {
         Ok(x) => x,
         Err(e) => {
             if e.kind() != std::io::ErrorKind::NotFound {

@@ -123,6 +123,32 @@ impl FsStore {
         list_files(&self.root)
     }
 
+    /// Opens `key` and reads its first `chunk` bytes in one blocking call: `None` when absent;
+    /// else the file (positioned after what was read), its length and the bytes read. A file
+    /// that fits in one chunk is then served without further reads.
+    pub async fn open_with_head(
+        &self,
+        key: &str,
+        chunk: usize,
+    ) -> io::Result<Option<(std::fs::File, u64, bytes::Bytes)>> {
+        let path = self.path(key);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let len = f.metadata()?.len();
+            let want = len.min(chunk as u64) as usize;
+            let mut head = vec![0u8; want];
+            f.read_exact(&mut head)?;
+            Ok(Some((f, len, bytes::Bytes::from(head))))
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
     /// Opens `key` for reading, `None` when absent.
     pub async fn open_read(&self, key: &str) -> io::Result<Option<(tokio::fs::File, u64)>> {
         match tokio::fs::File::open(self.path(key)).await {
