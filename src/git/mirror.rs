@@ -190,12 +190,20 @@ impl GitIndex {
                 .write(true)
                 .open(&path)
                 .with_context(|| format!("opening {}", path.display()))?;
-            f.try_lock().map_err(|_| {
-                anyhow::anyhow!(
-                    "another process is syncing the git index in {}",
-                    path.display()
-                )
-            })?;
+            // A child process forked by another thread of this process briefly shares the
+            // lock's open file (until its exec closes it), so a lock just released can look
+            // held for a moment: retry for a few seconds before calling it another process.
+            let mut tries = 0;
+            while f.try_lock().is_err() {
+                tries += 1;
+                if tries > 100 {
+                    anyhow::bail!(
+                        "another process is syncing the git index in {}",
+                        path.display()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
             remove_stale_lock_files(&repo);
             Ok(f)
         })
