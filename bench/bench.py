@@ -271,8 +271,12 @@ def bench_miss(pkgs):
             for who in order:
                 url = (f"http://127.0.0.1:{port}/api/v1/crates/{name}/{version}/download" if who == "c"
                        else f"{dl}/{name}/{version}/download")
-                o = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", fmt, url], capture_output=True, text=True, check=True)
-                a, b = map(float, o.stdout.split())
+                o = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", fmt + " %{http_code}", url],
+                                   capture_output=True, text=True, check=True)
+                a, b, code = o.stdout.split()
+                a, b = float(a), float(b)
+                if code != "200":
+                    raise SystemExit(f"{url}: HTTP {code}")
                 res[who][0].append(a); res[who][1].append(b)
         stop(cold)
     out("| | first byte | last byte |")
