@@ -76,6 +76,7 @@ impl AppState {
             config.index_ttl,
             metrics.clone(),
             usage.clone(),
+            config.index_memory_cache,
         ));
         let search = Arc::new(Search::new(
             upstream.clone(),

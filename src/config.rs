@@ -293,6 +293,14 @@ fn parse_days(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(days * 86_400.0).map_err(|_| format!("{days} days is too long"))
 }
 
+/// A byte size, 0 allowed.
+fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_size(s)
+}
+
 /// A byte size like `50GiB`, `500MB` or `1073741824`.
 fn parse_size(s: &str) -> Result<u64, String> {
     let size: bytesize::ByteSize = s
@@ -414,6 +422,12 @@ pub struct Config {
     /// How long a cached index file is served before it is revalidated upstream.
     #[arg(long, env = "CRATERE_INDEX_TTL", default_value = "2m", value_parser = parse_duration)]
     pub index_ttl: Duration,
+
+    /// Memory for the most used index files (0 turns it off), e.g. 32MiB; the disk cache
+    /// stays complete.
+    #[arg(long, env = "CRATERE_INDEX_MEMORY_CACHE", default_value = "32MiB",
+          value_parser = parse_size_or_zero)]
+    pub index_memory_cache: u64,
 
     /// Mirror the upstream git index and serve it (config.json rewritten per host) over git
     /// smart HTTP at /crates.io-index.

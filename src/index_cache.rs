@@ -93,6 +93,9 @@ pub struct IndexCache {
     /// means "last confirmed upstream" and is not touched by a use.
     usage: Arc<Usage>,
     flights: SingleFlight<IndexKey, Result<Refreshed, UpstreamError>>,
+    /// The most used index files, in memory: a hit then costs no disk access. Bounded in
+    /// bytes (`CRATERE_INDEX_MEMORY_CACHE`); the disk stays the source of truth.
+    memory: moka::sync::Cache<IndexKey, Entry>,
 }
 
 impl IndexCache {
@@ -102,7 +105,15 @@ impl IndexCache {
         ttl: Duration,
         metrics: Arc<Metrics>,
         usage: Arc<Usage>,
+        memory_bytes: u64,
     ) -> IndexCache {
+        let memory = moka::sync::Cache::builder()
+            .max_capacity(memory_bytes)
+            .weigher(|k: &IndexKey, e: &Entry| {
+                (e.body.len() + e.sha256.len() + k.relative().len() + 128).min(u32::MAX as usize)
+                    as u32
+            })
+            .build();
         IndexCache {
             store,
             upstream,
@@ -110,6 +121,7 @@ impl IndexCache {
             metrics,
             usage,
             flights: SingleFlight::default(),
+            memory,
         }
     }
 
@@ -142,7 +154,16 @@ impl IndexCache {
         key: &IndexKey,
         force: bool,
     ) -> Result<Option<(Entry, Served)>, UpstreamError> {
-        let cached = read_entry(&self.store, key).await;
+        let cached = match self.memory.get(key) {
+            Some(e) => Some(e),
+            None => {
+                let e = read_entry(&self.store, key).await;
+                if let Some(e) = &e {
+                    self.memory.insert(key.clone(), e.clone());
+                }
+                e
+            }
+        };
         if let Some(e) = &cached
             && !force
             && e.age() < self.ttl
@@ -158,6 +179,11 @@ impl IndexCache {
         }
         let res = flight.await;
         let res = res.unwrap_or_else(|| Err(UpstreamError::Body("internal task failed".into())));
+        match &res {
+            Ok(Refreshed::Found { entry, .. }) => self.memory.insert(key.clone(), entry.clone()),
+            Ok(Refreshed::NotFound) => self.memory.invalidate(key),
+            Err(_) => {}
+        }
         match res {
             Ok(Refreshed::Found { entry, changed }) => {
                 let how = if changed || cached.is_none() {

@@ -36,6 +36,9 @@ fn config(up: &str, dir: &Path, max_days: f64, max_size: Option<u64>) -> Config 
     let mut c = Proxy::config(up, dir);
     c.max_unused = days(max_days);
     c.max_cache_size = max_size;
+    // These tests look at the disk cache; the memory layer in front of the index files (which
+    // keeps serving a file cleanup removed until its TTL) has its own test in tests/sparse.rs.
+    c.index_memory_cache = 0;
     c
 }
 

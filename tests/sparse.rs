@@ -366,3 +366,31 @@ async fn a_down_upstream_is_not_waited_on_until_a_probe_succeeds() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn hot_index_files_are_served_from_memory() {
+    let up = FakeUpstream::start().await;
+    up.publish("hot", "1.0.0", 10);
+    up.publish("cold", "1.0.0", 10);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.index_memory_cache = 1 << 20;
+    let proxy = Proxy::start_with(cfg).await;
+    let body = proxy.get("/index/3/h/hot").await.text().await.unwrap();
+    // The disk copy disappears (another process cleaned it, say): memory still answers.
+    std::fs::remove_file(dir.path().join("index/sparse/3/h/hot")).unwrap();
+    let r = proxy.get("/index/3/h/hot").await;
+    assert_eq!(r.headers()["x-cratere-cache"], "hit");
+    assert_eq!(r.text().await.unwrap(), body);
+    assert_eq!(up.index_hits("hot"), 1);
+
+    // Without the memory layer, every hit reads the disk.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir2.path());
+    cfg.index_memory_cache = 0;
+    let proxy = Proxy::start_with(cfg).await;
+    proxy.get("/index/co/ld/cold").await.text().await.unwrap();
+    std::fs::remove_file(dir2.path().join("index/sparse/co/ld/cold")).unwrap();
+    let r = proxy.get("/index/co/ld/cold").await;
+    assert_eq!(r.headers()["x-cratere-cache"], "miss");
+}
