@@ -12,8 +12,11 @@
 //!   kept. A response already streaming a file keeps its open descriptor, which an unlink does
 //!   not disturb. A file removed anyway is simply fetched again on its next request.
 //! - Passes never overlap, across processes too: each holds an exclusive `flock` on
-//!   `$CRATERE_CACHE/.cleanup.lock`; a pass that cannot take it does nothing and says so.
+//!   `$CRATERE_CACHE/.cleanup.lock` (with S3 storage: the fleet-wide lease object of
+//!   [`crate::storage::s3::Lease`]); a pass that cannot take it does nothing and says so.
 //!   A dry run changes nothing and takes no lock.
+//! - With S3 storage, crates are kept [`CrateStore::use_slack`] longer than the age limit:
+//!   replicas record uses at a coarser grain there, and a few seconds late.
 //!
 //! Empty directories are left in place: removing one could race with a download creating
 //! its file there.
@@ -30,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{CleanupArgs, Config};
 use crate::names::IndexPath;
-use crate::storage::list_files;
+use crate::storage::s3::Lease;
+use crate::storage::{CrateStore, list_files};
 use crate::usage::{Usage, Use};
 
 /// Name of the lock file in the crate cache.
@@ -114,7 +118,7 @@ pub enum Outcome {
 }
 
 pub struct Cleanup {
-    crates_root: PathBuf,
+    crates: CrateStore,
     index_root: PathBuf,
     usage: Arc<Usage>,
     rules: Rules,
@@ -122,11 +126,11 @@ pub struct Cleanup {
 }
 
 impl Cleanup {
-    /// A cleaner of the crate cache at `crates_root` and the sparse index cache at
-    /// `index_root` (`$CRATERE_INDEX/sparse`).
-    pub fn new(crates_root: &Path, index_root: &Path, usage: Arc<Usage>, rules: Rules) -> Cleanup {
+    /// A cleaner of the crate store and the sparse index cache at `index_root`
+    /// (`$CRATERE_INDEX/sparse`).
+    pub fn new(crates: CrateStore, index_root: &Path, usage: Arc<Usage>, rules: Rules) -> Cleanup {
         Cleanup {
-            crates_root: crates_root.to_path_buf(),
+            crates,
             index_root: index_root.to_path_buf(),
             usage,
             rules,
@@ -152,7 +156,7 @@ impl Cleanup {
         let lock = if dry_run {
             None
         } else {
-            match try_lock(&self.crates_root.join(LOCK_FILE))? {
+            match self.lock(stop).await? {
                 Some(lock) => Some(lock),
                 None => {
                     tracing::info!("cleanup skipped: another cleanup is running on this cache");
@@ -160,16 +164,19 @@ impl Cleanup {
                 }
             }
         };
+        let stop = match &lock {
+            Some(CleanupLock::Lease(lease)) => lease.stop().clone(),
+            _ => stop.clone(),
+        };
         // Uses recorded in this process count before anything is judged.
         self.usage.flush().await;
-        let (this, stop) = (self.clone(), stop.clone());
-        let pass = tokio::task::spawn_blocking(move || {
-            let pass = this.pass(dry_run, &stop);
-            drop(lock);
-            pass
-        })
-        .await
-        .context("cleanup task failed")??;
+        let pass = self.pass(dry_run, &stop).await;
+        match lock {
+            Some(CleanupLock::Lease(lease)) => lease.release().await,
+            Some(CleanupLock::File(file)) => drop(file),
+            None => {}
+        }
+        let pass = pass?;
         let r = &pass.report;
         tracing::info!(
             dry_run,
@@ -190,7 +197,22 @@ impl Cleanup {
         Ok(Outcome::Done(pass))
     }
 
-    fn pass(&self, dry_run: bool, stop: &CancellationToken) -> anyhow::Result<Pass> {
+    /// The lock of the crate store: an flock on disk, the lease object in S3.
+    async fn lock(&self, stop: &CancellationToken) -> anyhow::Result<Option<CleanupLock>> {
+        match &self.crates {
+            CrateStore::Fs(fs) => Ok(try_lock(&fs.root().join(LOCK_FILE))?.map(CleanupLock::File)),
+            CrateStore::S3(s3) => Ok(s3
+                .lease(self.usage.clock().clone(), stop)
+                .await?
+                .map(CleanupLock::Lease)),
+        }
+    }
+
+    async fn pass(
+        self: &Arc<Self>,
+        dry_run: bool,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Pass> {
         let started = Instant::now();
         let now = self.usage.now();
         let cutoff = now
@@ -211,14 +233,22 @@ impl Cleanup {
         };
         let mut removed = Vec::new();
         self.crates_pass(dry_run, stop, now, cutoff, &mut report, &mut removed)
-            .with_context(|| format!("cleaning {}", self.crates_root.display()))?;
-        self.index_pass(dry_run, stop, now, cutoff, &mut report, &mut removed)
-            .with_context(|| format!("cleaning {}", self.index_root.display()))?;
+            .await
+            .with_context(|| format!("cleaning {}", self.crates.describe()))?;
+        let (this, stop) = (self.clone(), stop.clone());
+        let (report, removed) = tokio::task::spawn_blocking(move || {
+            this.index_pass(dry_run, &stop, now, cutoff, &mut report, &mut removed)
+                .with_context(|| format!("cleaning {}", this.index_root.display()))
+                .map(|()| (report, removed))
+        })
+        .await
+        .context("cleanup task failed")??;
+        let mut report = report;
         report.duration = started.elapsed();
         Ok(Pass { report, removed })
     }
 
-    fn crates_pass(
+    async fn crates_pass(
         &self,
         dry_run: bool,
         stop: &CancellationToken,
@@ -230,11 +260,16 @@ impl Cleanup {
         // Without the marker (only possible in a dry run: everything else adopts the cache
         // first) no mtime is a last-use time yet, and every file counts as used now.
         let tracked = self.usage.is_tracked();
-        let mut files: Vec<_> = list_files(&self.crates_root)?
+        let cutoff = cutoff
+            .checked_sub(self.crates.use_slack())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut files: Vec<_> = self
+            .crates
+            .list()
+            .await?
             .into_iter()
-            .filter(|f| f.rel.ends_with(".crate"))
             .map(|f| {
-                let last_use = if tracked { f.modified } else { now };
+                let last_use = if tracked { f.last_use } else { now };
                 (last_use, f)
             })
             .collect();
@@ -257,14 +292,14 @@ impl Cleanup {
                     report.skipped_in_use += 1;
                     continue;
                 }
-                let path = self.crates_root.join(&f.rel);
-                match unchanged_since_scan(&path, f.modified) {
-                    Ok(true) => {}
-                    Ok(false) => {
+                // Re-check: no use recorded since the scan (by any process or replica).
+                match self.crates.last_use(&f.rel).await {
+                    Ok(Some(t)) if t == f.last_use => {}
+                    Ok(Some(_)) => {
                         report.skipped_in_use += 1;
                         continue;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    Ok(None) => {
                         // Removed by someone else meanwhile.
                         kept_files -= 1;
                         kept_bytes -= f.len;
@@ -272,20 +307,20 @@ impl Cleanup {
                     }
                     Err(e) => {
                         report.errors += 1;
-                        tracing::warn!(path = %path.display(), error = %e, "cannot check a crate file");
+                        tracing::warn!(file = %f.rel, error = %e, "cannot check a crate file");
                         continue;
                     }
                 }
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match self.crates.remove(&f.rel).await {
+                    Ok(true) => {}
+                    Ok(false) => {
                         kept_files -= 1;
                         kept_bytes -= f.len;
                         continue;
                     }
                     Err(e) => {
                         report.errors += 1;
-                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a crate file");
+                        tracing::warn!(file = %f.rel, error = %e, "cannot remove a crate file");
                         continue;
                     }
                 }
@@ -304,6 +339,15 @@ impl Cleanup {
         }
         report.crate_files_kept = kept_files;
         report.crate_bytes_kept = kept_bytes;
+        if let CrateStore::S3(s3) = &self.crates
+            && !dry_run
+            && !stop.is_cancelled()
+        {
+            match s3.prune_records(cutoff).await {
+                Ok(n) => tracing::debug!(records = n, "superseded usage records removed"),
+                Err(e) => tracing::warn!(error = %e, "cannot prune usage records"),
+            }
+        }
         Ok(())
     }
 
@@ -379,9 +423,10 @@ impl Cleanup {
     }
 }
 
-/// Whether the file still has the mtime seen by the scan (no use recorded since).
-fn unchanged_since_scan(path: &Path, scanned: SystemTime) -> io::Result<bool> {
-    Ok(std::fs::metadata(path)?.modified()? == scanned)
+/// What keeps other passes out while one runs.
+enum CleanupLock {
+    File(std::fs::File),
+    Lease(Lease),
 }
 
 /// Takes the cleanup lock, `None` when someone else holds it. The lock is an `flock` on an
@@ -407,14 +452,15 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
     let config = args.config;
     let crates_root = config.cache.clone();
     let index_root = config.index.join("sparse");
-    if !crates_root.is_dir() {
+    if config.storage == crate::config::StorageKind::Fs && !crates_root.is_dir() {
         anyhow::bail!(
             "CRATERE_CACHE={}: no such directory (nothing cached there)",
             crates_root.display()
         );
     }
+    let crates = CrateStore::open(&config)?;
     let usage = Arc::new(Usage::new(
-        &crates_root,
+        crates.clone(),
         &index_root,
         Arc::new(crate::clock::SystemClock),
     ));
@@ -424,7 +470,7 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("CRATERE_CACHE={}", crates_root.display()))?;
     }
     let cleanup = Arc::new(Cleanup::new(
-        &crates_root,
+        crates,
         &index_root,
         usage.clone(),
         Rules::from_config(&config),
@@ -518,6 +564,7 @@ mod tests {
         dir: tempfile::TempDir,
         clock: Arc<FakeClock>,
         usage: Arc<Usage>,
+        crates: CrateStore,
     }
 
     impl Fixture {
@@ -526,18 +573,25 @@ mod tests {
             std::fs::create_dir_all(dir.path().join("crates/.tmp")).unwrap();
             std::fs::create_dir_all(dir.path().join("sparse/.tmp")).unwrap();
             let clock = Arc::new(FakeClock::new());
+            let crates =
+                CrateStore::Fs(crate::storage::FsStore::open(&dir.path().join("crates")).unwrap());
             let usage = Arc::new(Usage::new(
-                &dir.path().join("crates"),
+                crates.clone(),
                 &dir.path().join("sparse"),
                 clock.clone(),
             ));
             usage.adopt_untracked().unwrap();
-            Fixture { dir, clock, usage }
+            Fixture {
+                dir,
+                clock,
+                usage,
+                crates,
+            }
         }
 
         fn cleanup(&self, max_days: f64, max_size: Option<u64>) -> Arc<Cleanup> {
             Arc::new(Cleanup::new(
-                &self.dir.path().join("crates"),
+                self.crates.clone(),
                 &self.dir.path().join("sparse"),
                 self.usage.clone(),
                 Rules {

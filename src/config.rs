@@ -894,7 +894,15 @@ mod tests {
         assert_eq!(c.s3_region, "eu-west-3");
         assert!(c.s3_path_style);
         assert_eq!(c.s3_prefix.as_str(), "cratere/prod/");
-        let c = parse(&["--storage", "s3", "--s3-bucket", "b.b-1", "--s3-endpoint", ""]).unwrap();
+        let c = parse(&[
+            "--storage",
+            "s3",
+            "--s3-bucket",
+            "b.b-1",
+            "--s3-endpoint",
+            "",
+        ])
+        .unwrap();
         assert_eq!(c.s3_endpoint, S3Endpoint(None));
     }
 

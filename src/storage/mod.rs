@@ -1,5 +1,6 @@
-//! Where bytes live on disk: a directory of files addressed by relative keys that only typed
-//! names produce, written through temp files and atomic renames.
+//! Where bytes live: on disk, a directory of files addressed by relative keys that only typed
+//! names produce, written through temp files and atomic renames ([`FsStore`]); crate files
+//! either there or in an S3-compatible bucket ([`CrateStore`]).
 //!
 //! Every write goes to `<root>/.tmp/` first and is renamed into place when complete, so a reader
 //! (or a crash at any moment) sees either nothing or a whole file. Leftover temp files from a
@@ -10,6 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use tempfile::NamedTempFile;
+
+pub mod crates;
+pub mod s3;
+
+pub use crates::{CrateInfo, CrateStore, StoredCrate};
 
 /// Directory (inside the root) holding files being written.
 const TMP_DIR: &str = ".tmp";
