@@ -638,6 +638,24 @@ pub struct Config {
     #[arg(long, env = "CRATERE_S3_PREFIX", default_value = "", value_parser = parse_prefix,
           hide_default_value = true)]
     pub s3_prefix: S3Prefix,
+
+    /// S3 credentials given by an embedding program (tests) instead of the environment;
+    /// not a flag or variable: operators use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    #[arg(skip)]
+    pub s3_credentials: Option<S3Credentials>,
+}
+
+/// An access key and its secret (the secret is never printed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "S3Credentials({}, <secret>)", self.access_key_id)
+    }
 }
 
 impl Config {

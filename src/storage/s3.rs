@@ -121,6 +121,11 @@ impl S3Crates {
                 retry_timeout: Duration::from_secs(20),
                 ..RetryConfig::default()
             });
+        if let Some(c) = &config.s3_credentials {
+            builder = builder
+                .with_access_key_id(&c.access_key_id)
+                .with_secret_access_key(&c.secret_access_key);
+        }
         if let Some(endpoint) = &config.s3_endpoint.0 {
             options = options.with_allow_http(endpoint.starts_with("http://"));
             builder = builder.with_endpoint(endpoint);
