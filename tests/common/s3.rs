@@ -65,8 +65,12 @@ impl Drop for S3Server {
 
 impl S3Server {
     pub async fn start() -> S3Server {
+        Self::start_with_bucket("crates").await
+    }
+
+    pub async fn start_with_bucket(bucket: &str) -> S3Server {
         let dir = tempfile::tempdir().unwrap();
-        let bucket = "crates".to_string();
+        let bucket = bucket.to_string();
         // s3s-fs keeps a bucket as a directory of its root.
         std::fs::create_dir_all(dir.path().join(&bucket)).unwrap();
         for _ in 0..5 {
