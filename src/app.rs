@@ -299,7 +299,9 @@ fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken
                     {
                         // The pass counted what is left: exact figures for the gauges.
                         let r = &pass.report;
-                        metrics.set_cache_size(r.crate_files_kept, r.crate_bytes_kept);
+                        if !r.crates_skipped {
+                            metrics.set_cache_size(r.crate_files_kept, r.crate_bytes_kept);
+                        }
                     }
                     Ok(())
                 }

@@ -33,7 +33,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{CleanupArgs, Config};
 use crate::names::IndexPath;
-use crate::storage::s3::Lease;
 use crate::storage::{CrateStore, list_files};
 use crate::usage::{Usage, Use};
 
@@ -101,6 +100,9 @@ pub struct CleanupReport {
     pub skipped_in_use: u64,
     /// Files that could not be removed (logged).
     pub errors: u64,
+    /// Crate files were not examined: another replica held the bucket's cleanup lease (the
+    /// crate figures are then zero).
+    pub crates_skipped: bool,
 }
 
 /// A finished pass.
@@ -153,10 +155,11 @@ impl Cleanup {
         dry_run: bool,
         stop: &CancellationToken,
     ) -> anyhow::Result<Outcome> {
-        let lock = if dry_run {
+        // The local lock: the whole cache on disk, this replica's index cache with S3.
+        let local = if dry_run {
             None
         } else {
-            match self.lock(stop).await? {
+            match try_lock(&self.crates.local().root().join(LOCK_FILE))? {
                 Some(lock) => Some(lock),
                 None => {
                     tracing::info!("cleanup skipped: another cleanup is running on this cache");
@@ -164,18 +167,32 @@ impl Cleanup {
                 }
             }
         };
-        let stop = match &lock {
-            Some(CleanupLock::Lease(lease)) => lease.stop().clone(),
+        // The bucket's lease. Held by another replica, that replica cleans the crates; this
+        // one still cleans its own index cache.
+        let lease = match &self.crates {
+            CrateStore::S3(s3) if !dry_run => {
+                let lease = s3.lease(self.usage.clock().clone(), stop).await?;
+                if lease.is_none() {
+                    tracing::info!(
+                        "another replica is cleaning the bucket: only the local index cache is cleaned"
+                    );
+                }
+                Some(lease)
+            }
+            _ => None,
+        };
+        let crates = !matches!(lease, Some(None));
+        let stop = match &lease {
+            Some(Some(lease)) => lease.stop().clone(),
             _ => stop.clone(),
         };
         // Uses recorded in this process count before anything is judged.
         self.usage.flush().await;
-        let pass = self.pass(dry_run, &stop).await;
-        match lock {
-            Some(CleanupLock::Lease(lease)) => lease.release().await,
-            Some(CleanupLock::File(file)) => drop(file),
-            None => {}
+        let pass = self.pass(dry_run, crates, &stop).await;
+        if let Some(Some(lease)) = lease {
+            lease.release().await;
         }
+        drop(local);
         let pass = pass?;
         let r = &pass.report;
         tracing::info!(
@@ -197,20 +214,11 @@ impl Cleanup {
         Ok(Outcome::Done(pass))
     }
 
-    /// The lock of the crate store: an flock on disk, the lease object in S3.
-    async fn lock(&self, stop: &CancellationToken) -> anyhow::Result<Option<CleanupLock>> {
-        match &self.crates {
-            CrateStore::Fs(fs) => Ok(try_lock(&fs.root().join(LOCK_FILE))?.map(CleanupLock::File)),
-            CrateStore::S3(s3) => Ok(s3
-                .lease(self.usage.clock().clone(), stop)
-                .await?
-                .map(CleanupLock::Lease)),
-        }
-    }
-
+    /// A pass over the crate store (unless `crates` is false) and the index cache.
     async fn pass(
         self: &Arc<Self>,
         dry_run: bool,
+        crates: bool,
         stop: &CancellationToken,
     ) -> anyhow::Result<Pass> {
         let started = Instant::now();
@@ -230,11 +238,14 @@ impl Cleanup {
             crate_bytes_kept: 0,
             skipped_in_use: 0,
             errors: 0,
+            crates_skipped: !crates,
         };
         let mut removed = Vec::new();
-        self.crates_pass(dry_run, stop, now, cutoff, &mut report, &mut removed)
-            .await
-            .with_context(|| format!("cleaning {}", self.crates.describe()))?;
+        if crates {
+            self.crates_pass(dry_run, stop, now, cutoff, &mut report, &mut removed)
+                .await
+                .with_context(|| format!("cleaning {}", self.crates.describe()))?;
+        }
         let (this, stop) = (self.clone(), stop.clone());
         let (report, removed) = tokio::task::spawn_blocking(move || {
             this.index_pass(dry_run, &stop, now, cutoff, &mut report, &mut removed)
@@ -423,12 +434,6 @@ impl Cleanup {
     }
 }
 
-/// What keeps other passes out while one runs.
-enum CleanupLock {
-    File(std::fs::File),
-    Lease(Lease),
-}
-
 /// Takes the cleanup lock, `None` when someone else holds it. The lock is an `flock` on an
 /// open file: released when the file is closed, also when the process dies.
 fn try_lock(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
@@ -536,6 +541,13 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         );
     }
     print!("{out}");
+    if r.crates_skipped {
+        eprintln!(
+            "another cleanup is running on the bucket (another replica holds its lease): crate \
+             files were not examined; only the local index cache was cleaned"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     if r.errors > 0 {
         eprintln!("{} files could not be removed (see the log)", r.errors);
         return Ok(ExitCode::FAILURE);

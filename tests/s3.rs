@@ -18,6 +18,7 @@ use cratere::config::Config;
 use cratere::storage::s3::{LEASE_TTL, LOCK_KEY};
 use cratere::storage::{CrateStore, FsStore};
 use futures_util::StreamExt;
+use object_store::ObjectStoreExt;
 use tokio_util::sync::CancellationToken;
 
 const DL: &str = "/api/v1/crates";
@@ -486,11 +487,13 @@ async fn one_cleanup_at_a_time_across_replicas() {
     let held = a_store.lease(clock.clone(), &stop).await.unwrap().unwrap();
     assert!(s3.keys().await.contains(&LOCK_KEY.to_string()));
     assert!(b_store.lease(clock.clone(), &stop).await.unwrap().is_none());
-    assert!(matches!(run_cleanup(&b).await, Outcome::Busy));
-    assert!(
-        matches!(run_cleanup(&a).await, Outcome::Busy),
-        "not even its own process"
-    );
+    // The others clean only their own index caches, not the bucket.
+    for p in [&a, &b] {
+        let Outcome::Done(pass) = run_cleanup(p).await else {
+            panic!("the local index cache is free")
+        };
+        assert!(pass.report.crates_skipped);
+    }
     // The command, from yet another process, is refused too.
     let out = cratere_cmd(&s3, &["cleanup"], dir.path()).await;
     assert!(!out.status.success());
@@ -498,7 +501,10 @@ async fn one_cleanup_at_a_time_across_replicas() {
 
     held.release().await;
     assert!(!s3.keys().await.contains(&LOCK_KEY.to_string()));
-    assert!(matches!(run_cleanup(&b).await, Outcome::Done(_)));
+    let Outcome::Done(pass) = run_cleanup(&b).await else {
+        panic!("busy")
+    };
+    assert!(!pass.report.crates_skipped);
     assert!(
         !s3.keys().await.contains(&LOCK_KEY.to_string()),
         "released after the pass"
@@ -606,4 +612,49 @@ async fn cratere_cmd_with(
         cmd.env(k, v);
     }
     cmd.output().await.unwrap()
+}
+
+/// A held lease is renewed while its pass runs; a holder whose lease was taken from it stops.
+#[tokio::test]
+async fn a_held_lease_is_renewed_and_a_lost_one_stops_the_pass() {
+    let s3 = S3Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = CrateStore::open(&s3_config(&s3, "http://127.0.0.1:9/", dir.path())).unwrap();
+    let CrateStore::S3(store) = store else {
+        panic!("not s3")
+    };
+    let clock = Arc::new(FakeClock::new());
+    let stop = CancellationToken::new();
+    let lease = store
+        .lease_renewed_every(clock.clone(), &stop, Duration::from_millis(50))
+        .await
+        .unwrap()
+        .unwrap();
+    let expiry = || async {
+        let body = s3.get(LOCK_KEY).await.unwrap();
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["expires_unix_ms"]
+            .as_u64()
+            .unwrap()
+    };
+    let first = expiry().await;
+    clock.advance(Duration::from_secs(10));
+    common::wait_until_async(|| async { expiry().await >= first + 10_000 }, "a renewal").await;
+    assert!(!lease.stop().is_cancelled());
+
+    // Someone else's write (a takeover after a long stall): the holder notices and stops.
+    s3.client()
+        .put(
+            &object_store::path::Path::parse(LOCK_KEY).unwrap(),
+            br#"{"owner":"someone else","expires_unix_ms":99999999999999}"#
+                .to_vec()
+                .into(),
+        )
+        .await
+        .unwrap();
+    common::wait_until(|| lease.stop().is_cancelled(), "the holder to stop").await;
+    lease.release().await;
+    assert!(
+        s3.get(LOCK_KEY).await.is_some(),
+        "a lost lease is not deleted by its former holder"
+    );
 }

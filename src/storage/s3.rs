@@ -444,7 +444,17 @@ impl S3Crates {
         clock: Arc<dyn Clock>,
         stop: &CancellationToken,
     ) -> anyhow::Result<Option<Lease>> {
-        Lease::acquire(self.store.clone(), self.lock_key(), clock, stop).await
+        self.lease_renewed_every(clock, stop, LEASE_RENEW).await
+    }
+
+    /// [`S3Crates::lease`] with another renewal period (tests).
+    pub async fn lease_renewed_every(
+        &self,
+        clock: Arc<dyn Clock>,
+        stop: &CancellationToken,
+        every: Duration,
+    ) -> anyhow::Result<Option<Lease>> {
+        Lease::acquire(self.store.clone(), self.lock_key(), clock, stop, every).await
     }
 }
 
@@ -508,6 +518,7 @@ impl Lease {
         key: Path,
         clock: Arc<dyn Clock>,
         stop: &CancellationToken,
+        every: Duration,
     ) -> anyhow::Result<Option<Lease>> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let host = std::env::var("HOSTNAME")
@@ -611,6 +622,7 @@ impl Lease {
             lease.state.clone(),
             lease.stop.clone(),
             lease.renewal.clone(),
+            every,
         ));
         Ok(Some(lease))
     }
@@ -651,13 +663,18 @@ impl Drop for Lease {
     }
 }
 
-/// Renews the lease every [`LEASE_RENEW`] until `renewal` is cancelled; cancels `stop` if
-/// the lease is lost (taken over, or not renewed before it expired).
-async fn renew(state: Arc<LeaseState>, stop: CancellationToken, renewal: CancellationToken) {
+/// Renews the lease `every` so often until `renewal` is cancelled; cancels `stop` if the
+/// lease is lost (taken over, or not renewed before it expired).
+async fn renew(
+    state: Arc<LeaseState>,
+    stop: CancellationToken,
+    renewal: CancellationToken,
+    every: Duration,
+) {
     loop {
         tokio::select! {
             _ = renewal.cancelled() => return,
-            _ = tokio::time::sleep(LEASE_RENEW) => {}
+            _ = tokio::time::sleep(every) => {}
         }
         let (version, expires) = state.held.lock().expect("lock poisoned").clone();
         let (payload, new_expiry) = state.payload();
