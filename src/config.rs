@@ -639,6 +639,12 @@ pub struct Config {
           hide_default_value = true)]
     pub s3_prefix: S3Prefix,
 
+    /// With S3 storage: keep up to this many bytes of crate files on the local disk too
+    /// (in CRATERE_CACHE, least recently used evicted), so that hits of popular crates are
+    /// served without a request to the bucket (e.g. 10GiB) [default: none].
+    #[arg(long, env = "CRATERE_S3_LOCAL_CACHE_SIZE", value_name = "SIZE", value_parser = parse_size)]
+    pub s3_local_cache_size: Option<u64>,
+
     /// S3 credentials given by an embedding program (tests) instead of the environment;
     /// not a flag or variable: operators use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
     #[arg(skip)]
@@ -876,6 +882,10 @@ mod tests {
             (&["--s3-prefix", "a/../b"][..], "CRATERE_S3_PREFIX"),
             (&["--s3-prefix", "a b"][..], "CRATERE_S3_PREFIX"),
             (&["--s3-path-style", "maybe"][..], "CRATERE_S3_PATH_STYLE"),
+            (
+                &["--s3-local-cache-size", "much"][..],
+                "CRATERE_S3_LOCAL_CACHE_SIZE",
+            ),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(var), "{args:?}: {err}");
@@ -891,6 +901,7 @@ mod tests {
         assert_eq!(c.s3_region, "us-east-1");
         assert!(!c.s3_path_style);
         assert_eq!(c.s3_prefix.as_str(), "");
+        assert_eq!(c.s3_local_cache_size, None);
         let c = parse(&[
             "--storage",
             "s3",
@@ -904,8 +915,11 @@ mod tests {
             "true",
             "--s3-prefix",
             "/cratere/prod/",
+            "--s3-local-cache-size",
+            "2GiB",
         ])
         .unwrap();
+        assert_eq!(c.s3_local_cache_size, Some(2 << 30));
         assert_eq!(c.storage, StorageKind::S3);
         assert_eq!(c.s3_bucket.as_deref(), Some("crates"));
         assert_eq!(c.s3_endpoint.0.as_deref(), Some("http://127.0.0.1:9000"));

@@ -642,19 +642,101 @@ async fn a_held_lease_is_renewed_and_a_lost_one_stops_the_pass() {
     assert!(!lease.stop().is_cancelled());
 
     // Someone else's write (a takeover after a long stall): the holder notices and stops.
-    s3.client()
-        .put(
-            &object_store::path::Path::parse(LOCK_KEY).unwrap(),
-            br#"{"owner":"someone else","expires_unix_ms":99999999999999}"#
-                .to_vec()
-                .into(),
-        )
-        .await
-        .unwrap();
-    common::wait_until(|| lease.stop().is_cancelled(), "the holder to stop").await;
+    // (s3s-fs checks If-Match before writing, not atomically with it: a renewal racing the
+    // foreign write may land after it, so the write is repeated until it sticks.)
+    let foreign = br#"{"owner":"someone else","expires_unix_ms":99999999999999}"#;
+    let key = object_store::path::Path::parse(LOCK_KEY).unwrap();
+    common::wait_until_async(
+        || async {
+            if lease.stop().is_cancelled() {
+                return true;
+            }
+            if s3.get(LOCK_KEY).await.as_deref() != Some(&foreign[..]) {
+                s3.client()
+                    .put(&key, foreign.to_vec().into())
+                    .await
+                    .unwrap();
+            }
+            false
+        },
+        "the holder to stop",
+    )
+    .await;
     lease.release().await;
     assert!(
         s3.get(LOCK_KEY).await.is_some(),
         "a lost lease is not deleted by its former holder"
     );
+}
+
+/// CRATERE_S3_LOCAL_CACHE_SIZE: hits of crates this replica has seen come from its own disk
+/// (also with the bucket gone); crates read from the bucket are copied as they stream; the
+/// copies stay under the size, least recently used evicted first.
+#[tokio::test]
+async fn the_local_cache_in_front_of_the_bucket_serves_hits_and_stays_bounded() {
+    let s3 = S3Server::start().await;
+    let up = FakeUpstream::start().await;
+    let names = ["loca", "locb", "locc"];
+    let data: Vec<Bytes> = names
+        .iter()
+        .map(|n| up.publish(n, "1.0.0", 300_000))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |n: &str| {
+        let mut c = s3_config(&s3, &up.url, &dir.path().join(n));
+        c.s3_local_cache_size = Some(700_000);
+        c
+    };
+    let a = Proxy::start_with(config("a")).await;
+    let b = Proxy::start_with(config("b")).await;
+    let local = |p: &Proxy, n: &str| p.crate_path(&crate_rel(n, "1.0.0"));
+    let get = |p: &Proxy, n: &str| {
+        let url = format!("{DL}/{n}/1.0.0/download");
+        let p = p.url.clone();
+        async move {
+            let r = common::client()
+                .get(format!("{p}{url}"))
+                .send()
+                .await
+                .unwrap();
+            let how = r.headers()["x-cratere-cache"].to_str().unwrap().to_string();
+            (how, r.bytes().await.unwrap())
+        }
+    };
+
+    // A miss on a: uploaded, and kept on a's disk.
+    assert_eq!(get(&a, "loca").await, ("miss".to_string(), data[0].clone()));
+    common::wait_until(|| local(&a, "loca").exists(), "a's copy").await;
+    assert_eq!(std::fs::read(local(&a, "loca")).unwrap(), data[0]);
+    // A hit on b reads the bucket and keeps a copy once the whole body went through.
+    assert_eq!(get(&b, "loca").await, ("hit".to_string(), data[0].clone()));
+    common::wait_until(|| local(&b, "loca").exists(), "b's copy").await;
+    assert_eq!(std::fs::read(local(&b, "loca")).unwrap(), data[0]);
+
+    // Over the size: the least recently used copy goes.
+    assert_eq!(get(&a, "locb").await.1, data[1]);
+    common::wait_until(|| local(&a, "locb").exists(), "a's copy of b").await;
+    assert_eq!(get(&a, "loca").await.1, data[0]); // loca is now the most recent
+    assert_eq!(get(&a, "locc").await.1, data[2]);
+    common::wait_until(
+        || local(&a, "locc").exists() && !local(&a, "locb").exists(),
+        "the eviction of the least recently used copy",
+    )
+    .await;
+    assert!(local(&a, "loca").exists());
+    let CrateStore::S3(store) = a.state.downloads.store().clone() else {
+        panic!("not s3")
+    };
+    common::wait_until(
+        || store.local_cache().unwrap().used() <= 700_000,
+        "copies within the size",
+    )
+    .await;
+    assert_eq!(s3.crate_keys().await.len(), 3, "all in the bucket");
+
+    // Without the bucket, a's copies still serve hits.
+    drop(s3);
+    assert_eq!(get(&a, "loca").await, ("hit".to_string(), data[0].clone()));
+    assert_eq!(get(&a, "locc").await, ("hit".to_string(), data[2].clone()));
+    assert_eq!(up.crate_hits("loca", "1.0.0"), 1);
 }

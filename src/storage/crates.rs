@@ -56,6 +56,13 @@ impl StoredCrate {
         }
     }
 
+    pub(super) fn from_file(len: u64, f: tokio::fs::File) -> StoredCrate {
+        StoredCrate {
+            len,
+            body: StoredBody::File(f),
+        }
+    }
+
     pub(super) fn from_stream(len: u64, s: BoxStream<'static, io::Result<Bytes>>) -> StoredCrate {
         StoredCrate {
             len,

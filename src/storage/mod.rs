@@ -13,6 +13,7 @@ use std::time::SystemTime;
 use tempfile::NamedTempFile;
 
 pub mod crates;
+pub mod local_cache;
 pub mod s3;
 
 pub use crates::{CrateInfo, CrateStore, StoredCrate};

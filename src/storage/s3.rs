@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::FsStore;
 use super::crates::{CrateInfo, StoredCrate};
+use super::local_cache::LocalCache;
 use crate::clock::Clock;
 use crate::config::Config;
 
@@ -77,6 +78,8 @@ pub struct S3Crates {
     /// The last record this process wrote per crate.
     written: Mutex<HashMap<String, SystemTime>>,
     uploads: Semaphore,
+    /// `CRATERE_S3_LOCAL_CACHE_SIZE`: copies of crates on this replica's disk.
+    local_cache: Option<Arc<LocalCache>>,
 }
 
 fn to_io(e: object_store::Error) -> io::Error {
@@ -136,7 +139,13 @@ impl S3Crates {
             .context("CRATERE_S3_*: cannot build the S3 client")?;
         // Records at most every 1/100 of the age limit, and at least daily.
         let resolution = (config.max_unused / 100).min(Duration::from_secs(86_400));
+        let local_cache = config
+            .s3_local_cache_size
+            .map(|max| LocalCache::open(local.clone(), max))
+            .transpose()
+            .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
         Ok(S3Crates {
+            local_cache,
             store: Arc::new(store),
             local,
             bucket,
@@ -183,11 +192,24 @@ impl S3Crates {
         location.as_ref().strip_prefix(&self.prefix)
     }
 
+    /// The local copies, when `CRATERE_S3_LOCAL_CACHE_SIZE` is set.
+    pub fn local_cache(&self) -> Option<&Arc<LocalCache>> {
+        self.local_cache.as_ref()
+    }
+
     pub async fn open_read(&self, rel: &str) -> io::Result<Option<StoredCrate>> {
+        if let Some(cache) = &self.local_cache
+            && let Some((file, len)) = cache.open_read(rel).await
+        {
+            return Ok(Some(StoredCrate::from_file(len, file)));
+        }
         match self.store.get(&self.key(rel)?).await {
             Ok(got) => {
                 let len = got.meta.size;
-                let stream = got.into_stream().map_err(to_io).boxed();
+                let mut stream = got.into_stream().map_err(to_io).boxed();
+                if let Some(cache) = &self.local_cache {
+                    stream = cache.tee(rel, len, stream);
+                }
                 Ok(Some(StoredCrate::from_stream(len, stream)))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -204,8 +226,18 @@ impl S3Crates {
     }
 
     /// Uploads a complete, verified temp file. The object appears only when the upload is
-    /// complete; if another replica stored the same crate first, that copy stays.
+    /// complete; if another replica stored the same crate first, that copy stays. The file
+    /// then becomes this replica's local copy, if it keeps copies.
     pub async fn upload(&self, tmp: NamedTempFile, rel: &str) -> io::Result<()> {
+        self.put_file(&tmp, rel).await?;
+        if let Some(cache) = self.local_cache.clone() {
+            let rel = rel.to_string();
+            let _ = tokio::task::spawn_blocking(move || cache.keep(tmp, &rel)).await;
+        }
+        Ok(())
+    }
+
+    async fn put_file(&self, tmp: &NamedTempFile, rel: &str) -> io::Result<()> {
         let key = self.key(rel)?;
         let _permit = self.uploads.acquire().await.map_err(io::Error::other)?;
         let mut file = tmp.reopen()?;
@@ -256,7 +288,6 @@ impl S3Crates {
             writer.put(Bytes::from(chunk));
         }
         writer.finish().await.map_err(to_io)?;
-        drop(tmp);
         Ok(())
     }
 
@@ -330,8 +361,11 @@ impl S3Crates {
         Ok(Some(record?.map_or(stored, |t| t.max(stored))))
     }
 
-    /// Deletes a crate and its usage records.
+    /// Deletes a crate and its usage records (and this replica's local copy).
     pub async fn remove(&self, rel: &str) -> io::Result<bool> {
+        if let Some(cache) = &self.local_cache {
+            cache.remove(rel);
+        }
         match self.store.delete(&self.key(rel)?).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(to_io(e)),
