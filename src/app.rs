@@ -360,6 +360,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "cratere is serving; cargo registry = \"sparse+{}/index/\"",
         state.hosts.primary_url()
     );
+    if state.downloads.store().is_remote() {
+        let store = state.downloads.store();
+        match store.check().await {
+            Ok(()) => {
+                tracing::info!(store = %store.describe(), "crate files are kept in the bucket")
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the bucket does not answer (yet): downloads go to upstream and /ready says 503 until it does"
+            ),
+        }
+    }
     if let Some(git) = &state.git {
         tracing::info!(
             upstream = %state.config.upstream_git,
