@@ -102,17 +102,6 @@ impl FsStore {
         }
     }
 
-    /// Number and total size of the stored files with the given extension (temp files and
-    /// dot-files excluded). Blocking: a walk of the whole tree, for background jobs only.
-    pub fn usage(&self, extension: &str) -> io::Result<(u64, u64)> {
-        let suffix = format!(".{extension}");
-        Ok(self
-            .list()?
-            .iter()
-            .filter(|f| f.rel.ends_with(&suffix))
-            .fold((0, 0), |(n, b), f| (n + 1, b + f.len)))
-    }
-
     /// Whether a file can be created in the store (for readiness).
     pub fn check_writable(&self) -> io::Result<()> {
         use std::io::Write;

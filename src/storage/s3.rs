@@ -271,7 +271,7 @@ impl S3Crates {
                 return Err(to_io(e));
             }
             let mut f = file.take().expect("file");
-            let (f, chunk) = tokio::task::spawn_blocking(move || {
+            let read = tokio::task::spawn_blocking(move || {
                 use std::io::Read;
                 let mut buf = Vec::with_capacity(PART_SIZE);
                 (&mut f)
@@ -280,7 +280,15 @@ impl S3Crates {
                     .map(|_| (f, buf))
             })
             .await
-            .map_err(io::Error::other)??;
+            .map_err(io::Error::other)
+            .and_then(|r| r);
+            let (f, chunk) = match read {
+                Ok(read) => read,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(e);
+                }
+            };
             if chunk.is_empty() {
                 break;
             }
