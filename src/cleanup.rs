@@ -125,6 +125,11 @@ pub struct Cleanup {
     usage: Arc<Usage>,
     rules: Rules,
     last: Mutex<Option<CleanupReport>>,
+    /// One pass at a time in this process, and the lock file, opened once and kept open: each
+    /// pass flocks and explicitly unlocks it. (Closing a freshly opened file instead would not
+    /// release the lock while a child process forked meanwhile, and not yet exec'd, still
+    /// shares the open file description.)
+    running: tokio::sync::Mutex<Option<std::fs::File>>,
 }
 
 impl Cleanup {
@@ -137,6 +142,7 @@ impl Cleanup {
             usage,
             rules,
             last: Mutex::default(),
+            running: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -156,17 +162,25 @@ impl Cleanup {
         stop: &CancellationToken,
     ) -> anyhow::Result<Outcome> {
         // The local lock: the whole cache on disk, this replica's index cache with S3.
-        let local = if dry_run {
-            None
-        } else {
-            match try_lock(&self.crates.local().root().join(LOCK_FILE))? {
-                Some(lock) => Some(lock),
+        let mut running = None;
+        let mut local = None;
+        if !dry_run {
+            let Ok(guard) = self.running.try_lock() else {
+                tracing::info!("cleanup skipped: another cleanup is running in this process");
+                return Ok(Outcome::Busy);
+            };
+            let guard = running.insert(guard);
+            if guard.is_none() {
+                **guard = Some(open_lock_file(&self.crates.local().root().join(LOCK_FILE))?);
+            }
+            match try_lock(guard.as_ref().expect("opened"))? {
+                Some(held) => local = Some(held),
                 None => {
                     tracing::info!("cleanup skipped: another cleanup is running on this cache");
                     return Ok(Outcome::Busy);
                 }
             }
-        };
+        }
         // The bucket's lease. Held by another replica, that replica cleans the crates; this
         // one still cleans its own index cache.
         let lease = match &self.crates {
@@ -193,6 +207,7 @@ impl Cleanup {
             lease.release().await;
         }
         drop(local);
+        drop(running);
         let pass = pass?;
         let r = &pass.report;
         tracing::info!(
@@ -434,21 +449,31 @@ impl Cleanup {
     }
 }
 
-/// Takes the cleanup lock, `None` when someone else holds it. The lock is an `flock` on an
-/// open file: released when the file is closed, also when the process dies.
-fn try_lock(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
-    let file = std::fs::File::options()
+fn open_lock_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// An `flock` held on the cleanup lock file, released when dropped (and when the process
+/// dies).
+struct Held<'a>(&'a std::fs::File);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+/// Takes the cleanup lock on an open lock file, `None` when someone else holds it.
+fn try_lock(file: &std::fs::File) -> anyhow::Result<Option<Held<'_>>> {
     match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
+        Ok(()) => Ok(Some(Held(file))),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", path.display()))
-        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).context("cannot lock the cleanup lock file"),
     }
 }
 
@@ -679,9 +704,8 @@ mod tests {
     #[tokio::test]
     async fn cleanups_never_overlap() {
         let f = Fixture::new();
-        let held = try_lock(&f.dir.path().join("crates").join(LOCK_FILE))
-            .unwrap()
-            .unwrap();
+        let file = open_lock_file(&f.dir.path().join("crates").join(LOCK_FILE)).unwrap();
+        let held = try_lock(&file).unwrap().unwrap();
         let cleanup = f.cleanup(90.0, None);
         let outcome = cleanup
             .run_once(false, &CancellationToken::new())
