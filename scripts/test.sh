@@ -18,4 +18,11 @@ if ((${#need_apt[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
 fi
 
+# tests/s3.rs runs crate storage against a real S3-compatible server, s3s-fs (~2 min to build).
+if ! command -v s3s-fs >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]; then
+    echo "installing: s3s-fs"
+    cargo install s3s-fs@0.14.1 --locked --features binary --root "${CARGO_HOME:-$HOME/.cargo}"
+fi
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
 exec cargo test --locked --all-targets "$@"

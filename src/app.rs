@@ -22,7 +22,7 @@ use crate::jobs::{FirstRun, spawn_scheduled};
 use crate::metrics::Metrics;
 use crate::search::Search;
 use crate::sparse::PublicHosts;
-use crate::storage::FsStore;
+use crate::storage::{CrateStore, FsStore};
 use crate::upstream::Upstream;
 use crate::usage::Usage;
 
@@ -52,17 +52,16 @@ impl AppState {
 
     /// [`AppState::new`] with the clock that usage records and cleanups read (tests move it).
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
-        let crates = FsStore::open(&config.cache)
-            .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
+        let crates = CrateStore::open(&config)?;
         let sparse_dir = config.index.join("sparse");
         let index_store = FsStore::open(&sparse_dir)
             .with_context(|| format!("CRATERE_INDEX={}", config.index.display()))?;
-        let usage = Arc::new(Usage::new(crates.root(), index_store.root(), clock));
+        let usage = Arc::new(Usage::new(crates.clone(), index_store.root(), clock));
         usage
             .adopt_untracked()
             .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
         let cleanup = Arc::new(Cleanup::new(
-            crates.root(),
+            crates.clone(),
             index_store.root(),
             usage.clone(),
             Rules::from_config(&config),
@@ -83,7 +82,7 @@ impl AppState {
             config.upstream_api.clone(),
             config.search_interval,
             index.clone(),
-            crates.root().to_path_buf(),
+            crates.local().root().to_path_buf(),
         ));
         let downloads = Arc::new(Downloads::new(
             crates,
@@ -140,21 +139,21 @@ async fn health() -> &'static str {
     "ok\n"
 }
 
-/// Readiness: the configuration is loaded (it is, or we would not be running) and both stores
-/// accept writes.
+/// Readiness: the configuration is loaded (it is, or we would not be running), both local
+/// directories accept writes, and the bucket (with S3 storage) answers.
 async fn ready(State(st): State<AppState>) -> impl IntoResponse {
-    let crates = st.downloads.store().clone();
     let index = st.index.store().clone();
-    let checked = tokio::task::spawn_blocking(move || {
-        crates
-            .check_writable()
-            .map_err(|e| format!("crate cache (CRATERE_CACHE) not writable: {e}"))?;
-        index
-            .check_writable()
-            .map_err(|e| format!("index cache (CRATERE_INDEX) not writable: {e}"))
-    })
-    .await
-    .unwrap_or_else(|e| Err(e.to_string()));
+    let checked = async {
+        st.downloads.store().check().await?;
+        tokio::task::spawn_blocking(move || {
+            index
+                .check_writable()
+                .map_err(|e| format!("index cache (CRATERE_INDEX) not writable: {e}"))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+    }
+    .await;
     match checked {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
@@ -280,10 +279,9 @@ fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken
         move || {
             let st = st.clone();
             async move {
-                let store = st.downloads.store().clone();
-                let (files, bytes) =
-                    tokio::task::spawn_blocking(move || store.usage("crate")).await??;
-                st.metrics.set_cache_size(files, bytes);
+                let crates = st.downloads.store().list().await?;
+                let bytes = crates.iter().map(|c| c.len).sum();
+                st.metrics.set_cache_size(crates.len() as u64, bytes);
                 Ok(())
             }
         },
@@ -307,7 +305,9 @@ fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken
                     {
                         // The pass counted what is left: exact figures for the gauges.
                         let r = &pass.report;
-                        metrics.set_cache_size(r.crate_files_kept, r.crate_bytes_kept);
+                        if !r.crates_skipped {
+                            metrics.set_cache_size(r.crate_files_kept, r.crate_bytes_kept);
+                        }
                     }
                     Ok(())
                 }
@@ -366,6 +366,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "cratere is serving; cargo registry = \"sparse+{}/index/\"",
         state.hosts.primary_url()
     );
+    if state.downloads.store().is_remote() {
+        let store = state.downloads.store();
+        match store.check().await {
+            Ok(()) => {
+                tracing::info!(store = %store.describe(), "crate files are kept in the bucket")
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the bucket does not answer (yet): downloads go to upstream and /ready says 503 until it does"
+            ),
+        }
+    }
     if let Some(git) = &state.git {
         tracing::info!(
             upstream = %state.config.upstream_git,

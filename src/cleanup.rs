@@ -12,8 +12,11 @@
 //!   kept. A response already streaming a file keeps its open descriptor, which an unlink does
 //!   not disturb. A file removed anyway is simply fetched again on its next request.
 //! - Passes never overlap, across processes too: each holds an exclusive `flock` on
-//!   `$CRATERE_CACHE/.cleanup.lock`; a pass that cannot take it does nothing and says so.
+//!   `$CRATERE_CACHE/.cleanup.lock` (with S3 storage: the fleet-wide lease object of
+//!   [`crate::storage::s3::Lease`]); a pass that cannot take it does nothing and says so.
 //!   A dry run changes nothing and takes no lock.
+//! - With S3 storage, crates are kept [`CrateStore::use_slack`] longer than the age limit:
+//!   replicas record uses at a coarser grain there, and a few seconds late.
 //!
 //! Empty directories are left in place: removing one could race with a download creating
 //! its file there.
@@ -30,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{CleanupArgs, Config};
 use crate::names::IndexPath;
-use crate::storage::list_files;
+use crate::storage::{CrateStore, list_files};
 use crate::usage::{Usage, Use};
 
 /// Name of the lock file in the crate cache.
@@ -97,6 +100,9 @@ pub struct CleanupReport {
     pub skipped_in_use: u64,
     /// Files that could not be removed (logged).
     pub errors: u64,
+    /// Crate files were not examined: another replica held the bucket's cleanup lease (the
+    /// crate figures are then zero).
+    pub crates_skipped: bool,
 }
 
 /// A finished pass.
@@ -114,23 +120,29 @@ pub enum Outcome {
 }
 
 pub struct Cleanup {
-    crates_root: PathBuf,
+    crates: CrateStore,
     index_root: PathBuf,
     usage: Arc<Usage>,
     rules: Rules,
     last: Mutex<Option<CleanupReport>>,
+    /// One pass at a time in this process, and the lock file, opened once and kept open: each
+    /// pass flocks and explicitly unlocks it. (Closing a freshly opened file instead would not
+    /// release the lock while a child process forked meanwhile, and not yet exec'd, still
+    /// shares the open file description.)
+    running: tokio::sync::Mutex<Option<std::fs::File>>,
 }
 
 impl Cleanup {
-    /// A cleaner of the crate cache at `crates_root` and the sparse index cache at
-    /// `index_root` (`$CRATERE_INDEX/sparse`).
-    pub fn new(crates_root: &Path, index_root: &Path, usage: Arc<Usage>, rules: Rules) -> Cleanup {
+    /// A cleaner of the crate store and the sparse index cache at `index_root`
+    /// (`$CRATERE_INDEX/sparse`).
+    pub fn new(crates: CrateStore, index_root: &Path, usage: Arc<Usage>, rules: Rules) -> Cleanup {
         Cleanup {
-            crates_root: crates_root.to_path_buf(),
+            crates,
             index_root: index_root.to_path_buf(),
             usage,
             rules,
             last: Mutex::default(),
+            running: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -149,27 +161,54 @@ impl Cleanup {
         dry_run: bool,
         stop: &CancellationToken,
     ) -> anyhow::Result<Outcome> {
-        let lock = if dry_run {
-            None
-        } else {
-            match try_lock(&self.crates_root.join(LOCK_FILE))? {
-                Some(lock) => Some(lock),
+        // The local lock: the whole cache on disk, this replica's index cache with S3.
+        let mut running = None;
+        let mut local = None;
+        if !dry_run {
+            let Ok(guard) = self.running.try_lock() else {
+                tracing::info!("cleanup skipped: another cleanup is running in this process");
+                return Ok(Outcome::Busy);
+            };
+            let guard = running.insert(guard);
+            if guard.is_none() {
+                **guard = Some(open_lock_file(&self.crates.local().root().join(LOCK_FILE))?);
+            }
+            match try_lock(guard.as_ref().expect("opened"))? {
+                Some(held) => local = Some(held),
                 None => {
                     tracing::info!("cleanup skipped: another cleanup is running on this cache");
                     return Ok(Outcome::Busy);
                 }
             }
+        }
+        // The bucket's lease. Held by another replica, that replica cleans the crates; this
+        // one still cleans its own index cache.
+        let lease = match &self.crates {
+            CrateStore::S3(s3) if !dry_run => {
+                let lease = s3.lease(self.usage.clock().clone(), stop).await?;
+                if lease.is_none() {
+                    tracing::info!(
+                        "another replica is cleaning the bucket: only the local index cache is cleaned"
+                    );
+                }
+                Some(lease)
+            }
+            _ => None,
+        };
+        let crates = !matches!(lease, Some(None));
+        let stop = match &lease {
+            Some(Some(lease)) => lease.stop().clone(),
+            _ => stop.clone(),
         };
         // Uses recorded in this process count before anything is judged.
         self.usage.flush().await;
-        let (this, stop) = (self.clone(), stop.clone());
-        let pass = tokio::task::spawn_blocking(move || {
-            let pass = this.pass(dry_run, &stop);
-            drop(lock);
-            pass
-        })
-        .await
-        .context("cleanup task failed")??;
+        let pass = self.pass(dry_run, crates, &stop).await;
+        if let Some(Some(lease)) = lease {
+            lease.release().await;
+        }
+        drop(local);
+        drop(running);
+        let pass = pass?;
         let r = &pass.report;
         tracing::info!(
             dry_run,
@@ -190,7 +229,13 @@ impl Cleanup {
         Ok(Outcome::Done(pass))
     }
 
-    fn pass(&self, dry_run: bool, stop: &CancellationToken) -> anyhow::Result<Pass> {
+    /// A pass over the crate store (unless `crates` is false) and the index cache.
+    async fn pass(
+        self: &Arc<Self>,
+        dry_run: bool,
+        crates: bool,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Pass> {
         let started = Instant::now();
         let now = self.usage.now();
         let cutoff = now
@@ -208,17 +253,28 @@ impl Cleanup {
             crate_bytes_kept: 0,
             skipped_in_use: 0,
             errors: 0,
+            crates_skipped: !crates,
         };
         let mut removed = Vec::new();
-        self.crates_pass(dry_run, stop, now, cutoff, &mut report, &mut removed)
-            .with_context(|| format!("cleaning {}", self.crates_root.display()))?;
-        self.index_pass(dry_run, stop, now, cutoff, &mut report, &mut removed)
-            .with_context(|| format!("cleaning {}", self.index_root.display()))?;
+        if crates {
+            self.crates_pass(dry_run, stop, now, cutoff, &mut report, &mut removed)
+                .await
+                .with_context(|| format!("cleaning {}", self.crates.describe()))?;
+        }
+        let (this, stop) = (self.clone(), stop.clone());
+        let (report, removed) = tokio::task::spawn_blocking(move || {
+            this.index_pass(dry_run, &stop, now, cutoff, &mut report, &mut removed)
+                .with_context(|| format!("cleaning {}", this.index_root.display()))
+                .map(|()| (report, removed))
+        })
+        .await
+        .context("cleanup task failed")??;
+        let mut report = report;
         report.duration = started.elapsed();
         Ok(Pass { report, removed })
     }
 
-    fn crates_pass(
+    async fn crates_pass(
         &self,
         dry_run: bool,
         stop: &CancellationToken,
@@ -230,11 +286,16 @@ impl Cleanup {
         // Without the marker (only possible in a dry run: everything else adopts the cache
         // first) no mtime is a last-use time yet, and every file counts as used now.
         let tracked = self.usage.is_tracked();
-        let mut files: Vec<_> = list_files(&self.crates_root)?
+        let cutoff = cutoff
+            .checked_sub(self.crates.use_slack())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut files: Vec<_> = self
+            .crates
+            .list()
+            .await?
             .into_iter()
-            .filter(|f| f.rel.ends_with(".crate"))
             .map(|f| {
-                let last_use = if tracked { f.modified } else { now };
+                let last_use = if tracked { f.last_use } else { now };
                 (last_use, f)
             })
             .collect();
@@ -257,14 +318,14 @@ impl Cleanup {
                     report.skipped_in_use += 1;
                     continue;
                 }
-                let path = self.crates_root.join(&f.rel);
-                match unchanged_since_scan(&path, f.modified) {
-                    Ok(true) => {}
-                    Ok(false) => {
+                // Re-check: no use recorded since the scan (by any process or replica).
+                match self.crates.last_use(&f.rel).await {
+                    Ok(Some(t)) if t == f.last_use => {}
+                    Ok(Some(_)) => {
                         report.skipped_in_use += 1;
                         continue;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    Ok(None) => {
                         // Removed by someone else meanwhile.
                         kept_files -= 1;
                         kept_bytes -= f.len;
@@ -272,20 +333,20 @@ impl Cleanup {
                     }
                     Err(e) => {
                         report.errors += 1;
-                        tracing::warn!(path = %path.display(), error = %e, "cannot check a crate file");
+                        tracing::warn!(file = %f.rel, error = %e, "cannot check a crate file");
                         continue;
                     }
                 }
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match self.crates.remove(&f.rel).await {
+                    Ok(true) => {}
+                    Ok(false) => {
                         kept_files -= 1;
                         kept_bytes -= f.len;
                         continue;
                     }
                     Err(e) => {
                         report.errors += 1;
-                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a crate file");
+                        tracing::warn!(file = %f.rel, error = %e, "cannot remove a crate file");
                         continue;
                     }
                 }
@@ -304,6 +365,15 @@ impl Cleanup {
         }
         report.crate_files_kept = kept_files;
         report.crate_bytes_kept = kept_bytes;
+        if let CrateStore::S3(s3) = &self.crates
+            && !dry_run
+            && !stop.is_cancelled()
+        {
+            match s3.prune_records(cutoff).await {
+                Ok(n) => tracing::debug!(records = n, "superseded usage records removed"),
+                Err(e) => tracing::warn!(error = %e, "cannot prune usage records"),
+            }
+        }
         Ok(())
     }
 
@@ -379,26 +449,31 @@ impl Cleanup {
     }
 }
 
-/// Whether the file still has the mtime seen by the scan (no use recorded since).
-fn unchanged_since_scan(path: &Path, scanned: SystemTime) -> io::Result<bool> {
-    Ok(std::fs::metadata(path)?.modified()? == scanned)
-}
-
-/// Takes the cleanup lock, `None` when someone else holds it. The lock is an `flock` on an
-/// open file: released when the file is closed, also when the process dies.
-fn try_lock(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
-    let file = std::fs::File::options()
+fn open_lock_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// An `flock` held on the cleanup lock file, released when dropped (and when the process
+/// dies).
+struct Held<'a>(&'a std::fs::File);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+/// Takes the cleanup lock on an open lock file, `None` when someone else holds it.
+fn try_lock(file: &std::fs::File) -> anyhow::Result<Option<Held<'_>>> {
     match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
+        Ok(()) => Ok(Some(Held(file))),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", path.display()))
-        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).context("cannot lock the cleanup lock file"),
     }
 }
 
@@ -407,14 +482,15 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
     let config = args.config;
     let crates_root = config.cache.clone();
     let index_root = config.index.join("sparse");
-    if !crates_root.is_dir() {
+    if config.storage == crate::config::StorageKind::Fs && !crates_root.is_dir() {
         anyhow::bail!(
             "CRATERE_CACHE={}: no such directory (nothing cached there)",
             crates_root.display()
         );
     }
+    let crates = CrateStore::open(&config)?;
     let usage = Arc::new(Usage::new(
-        &crates_root,
+        crates.clone(),
         &index_root,
         Arc::new(crate::clock::SystemClock),
     ));
@@ -424,7 +500,7 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("CRATERE_CACHE={}", crates_root.display()))?;
     }
     let cleanup = Arc::new(Cleanup::new(
-        &crates_root,
+        crates,
         &index_root,
         usage.clone(),
         Rules::from_config(&config),
@@ -490,6 +566,13 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         );
     }
     print!("{out}");
+    if r.crates_skipped {
+        eprintln!(
+            "another cleanup is running on the bucket (another replica holds its lease): crate \
+             files were not examined; only the local index cache was cleaned"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     if r.errors > 0 {
         eprintln!("{} files could not be removed (see the log)", r.errors);
         return Ok(ExitCode::FAILURE);
@@ -518,6 +601,7 @@ mod tests {
         dir: tempfile::TempDir,
         clock: Arc<FakeClock>,
         usage: Arc<Usage>,
+        crates: CrateStore,
     }
 
     impl Fixture {
@@ -526,18 +610,25 @@ mod tests {
             std::fs::create_dir_all(dir.path().join("crates/.tmp")).unwrap();
             std::fs::create_dir_all(dir.path().join("sparse/.tmp")).unwrap();
             let clock = Arc::new(FakeClock::new());
+            let crates =
+                CrateStore::Fs(crate::storage::FsStore::open(&dir.path().join("crates")).unwrap());
             let usage = Arc::new(Usage::new(
-                &dir.path().join("crates"),
+                crates.clone(),
                 &dir.path().join("sparse"),
                 clock.clone(),
             ));
             usage.adopt_untracked().unwrap();
-            Fixture { dir, clock, usage }
+            Fixture {
+                dir,
+                clock,
+                usage,
+                crates,
+            }
         }
 
         fn cleanup(&self, max_days: f64, max_size: Option<u64>) -> Arc<Cleanup> {
             Arc::new(Cleanup::new(
-                &self.dir.path().join("crates"),
+                self.crates.clone(),
                 &self.dir.path().join("sparse"),
                 self.usage.clone(),
                 Rules {
@@ -613,9 +704,8 @@ mod tests {
     #[tokio::test]
     async fn cleanups_never_overlap() {
         let f = Fixture::new();
-        let held = try_lock(&f.dir.path().join("crates").join(LOCK_FILE))
-            .unwrap()
-            .unwrap();
+        let file = open_lock_file(&f.dir.path().join("crates").join(LOCK_FILE)).unwrap();
+        let held = try_lock(&file).unwrap().unwrap();
         let cleanup = f.cleanup(90.0, None);
         let outcome = cleanup
             .run_once(false, &CancellationToken::new())

@@ -103,16 +103,20 @@ impl Cli {
 /// operator who set `CRATERE_PORT` in a manifest where to look. Prefix the variable's name.
 fn name_the_variable(cmd: &clap::Command, err: clap::Error) -> clap::Error {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    if !matches!(
-        err.kind(),
-        ErrorKind::ValueValidation | ErrorKind::InvalidValue
-    ) {
+    let missing = err.kind() == ErrorKind::MissingRequiredArgument;
+    if !missing
+        && !matches!(
+            err.kind(),
+            ErrorKind::ValueValidation | ErrorKind::InvalidValue
+        )
+    {
         return err;
     }
-    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
-        return err;
+    let arg = match err.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => arg.clone(),
+        Some(ContextValue::Strings(args)) if !args.is_empty() => args[0].clone(),
+        _ => return err,
     };
-    let arg = arg.clone();
     let all_args = cmd
         .get_arguments()
         .chain(cmd.get_subcommands().flat_map(|s| s.get_arguments()));
@@ -125,14 +129,18 @@ fn name_the_variable(cmd: &clap::Command, err: clap::Error) -> clap::Error {
             || arg.starts_with(&format!("{flag} "))
             || arg.starts_with(&format!("{flag}="))
         {
+            let env = env.to_string_lossy();
+            if missing {
+                return cmd.clone().error(
+                    ErrorKind::MissingRequiredArgument,
+                    format!("missing setting {env} ({flag}), which the other settings require"),
+                );
+            }
             let detail = err.to_string();
             let detail = detail.trim_start_matches("error: ").trim_end();
             return cmd.clone().error(
                 ErrorKind::ValueValidation,
-                format!(
-                    "invalid setting {} ({flag}): {detail}",
-                    env.to_string_lossy()
-                ),
+                format!("invalid setting {env} ({flag}): {detail}"),
             );
         }
     }
@@ -159,6 +167,16 @@ impl Scheme {
             Scheme::Https => 443,
         }
     }
+}
+
+/// Where crate files are stored (`CRATERE_STORAGE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StorageKind {
+    /// The local directory `CRATERE_CACHE`.
+    Fs,
+    /// An S3-compatible object store (`CRATERE_S3_*`), shared by any number of replicas;
+    /// `CRATERE_CACHE` then only holds the files being downloaded.
+    S3,
 }
 
 /// Log output format.
@@ -364,6 +382,76 @@ fn parse_git_remote(s: &str) -> Result<GitRemote, String> {
     Ok(GitRemote(path.to_string_lossy().into_owned()))
 }
 
+/// `CRATERE_S3_ENDPOINT`: an http(s) URL, or empty for AWS.
+fn parse_endpoint(s: &str) -> Result<S3Endpoint, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(S3Endpoint(None));
+    }
+    let url = Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("expected an http:// or https:// URL (or nothing, for AWS)".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("expected a plain URL without query or fragment".into());
+    }
+    Ok(S3Endpoint(Some(s.trim_end_matches('/').to_string())))
+}
+
+/// `CRATERE_S3_ENDPOINT`; `None` means AWS (the endpoint follows from the region).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Endpoint(pub Option<String>);
+
+/// `CRATERE_S3_PREFIX`: `/`-separated segments of letters, digits, `.`, `-`, `_` (no `.` or
+/// `..` segment); stored with a trailing `/`, or empty.
+fn parse_prefix(s: &str) -> Result<S3Prefix, String> {
+    let s = s.trim().trim_matches('/');
+    if s.is_empty() {
+        return Ok(S3Prefix::default());
+    }
+    for seg in s.split('/') {
+        if seg.is_empty() || seg == "." || seg == ".." || seg.starts_with('.') {
+            return Err(format!(
+                "`{s}`: segments must be non-empty and not start with `.`"
+            ));
+        }
+        if !seg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return Err(format!(
+                "`{seg}`: only letters, digits, `-`, `_` and `.` are allowed"
+            ));
+        }
+    }
+    Ok(S3Prefix(format!("{s}/")))
+}
+
+/// Key prefix of every object Cratere writes in the bucket: empty or ending in `/`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Prefix(pub String);
+
+impl S3Prefix {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn parse_bucket(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let ok = (3..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.'))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !ok {
+        return Err(format!(
+            "`{s}` is not a bucket name (3-63 lowercase letters, digits, `-`, `.`)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 fn parse_schedule(s: &str) -> Result<crate::jobs::Schedule, String> {
     s.parse()
 }
@@ -540,6 +628,63 @@ pub struct Config {
     /// least recently used ones until the rest fits (e.g. 50GiB, 500MB) [default: no limit].
     #[arg(long, env = "CRATERE_MAX_CACHE_SIZE", value_name = "SIZE", value_parser = parse_size)]
     pub max_cache_size: Option<u64>,
+
+    /// Where crate files are kept: `fs` (the directory CRATERE_CACHE) or `s3` (an
+    /// S3-compatible bucket shared by several replicas; see CRATERE_S3_*). Index files and the
+    /// git mirror always stay in CRATERE_INDEX.
+    #[arg(long, env = "CRATERE_STORAGE", value_enum, default_value = "fs")]
+    pub storage: StorageKind,
+
+    /// S3 bucket of the crate files (required with CRATERE_STORAGE=s3). Credentials come from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the other standard AWS sources).
+    #[arg(long, env = "CRATERE_S3_BUCKET", value_parser = parse_bucket,
+          required_if_eq("storage", "s3"))]
+    pub s3_bucket: Option<String>,
+
+    /// S3 endpoint URL, e.g. http://minio:9000 [default: AWS, from the region].
+    #[arg(long, env = "CRATERE_S3_ENDPOINT", default_value = "", value_parser = parse_endpoint,
+          hide_default_value = true)]
+    pub s3_endpoint: S3Endpoint,
+
+    /// S3 region.
+    #[arg(long, env = "CRATERE_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+
+    /// Path-style requests (http://endpoint/bucket/key), which MinIO, Garage, Ceph and most
+    /// self-hosted stores want; `false` for virtual-hosted style (http://bucket.endpoint/key).
+    #[arg(long, env = "CRATERE_S3_PATH_STYLE", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub s3_path_style: bool,
+
+    /// Key prefix of everything Cratere writes in the bucket (e.g. `cratere`), so one bucket
+    /// can hold other data too [default: none].
+    #[arg(long, env = "CRATERE_S3_PREFIX", default_value = "", value_parser = parse_prefix,
+          hide_default_value = true)]
+    pub s3_prefix: S3Prefix,
+
+    /// With S3 storage: keep up to this many bytes of crate files on the local disk too
+    /// (in CRATERE_CACHE, least recently used evicted), so that hits of popular crates are
+    /// served without a request to the bucket (e.g. 10GiB) [default: none].
+    #[arg(long, env = "CRATERE_S3_LOCAL_CACHE_SIZE", value_name = "SIZE", value_parser = parse_size)]
+    pub s3_local_cache_size: Option<u64>,
+
+    /// S3 credentials given by an embedding program (tests) instead of the environment;
+    /// not a flag or variable: operators use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    #[arg(skip)]
+    pub s3_credentials: Option<S3Credentials>,
+}
+
+/// An access key and its secret (the secret is never printed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "S3Credentials({}, <secret>)", self.access_key_id)
+    }
 }
 
 impl Config {
@@ -749,10 +894,71 @@ mod tests {
                 &["warm", "x.lock", "--max-days-unused", "soon"][..],
                 "CRATERE_MAX_DAYS_UNUSED",
             ),
+            (&["--storage", "s3"][..], "CRATERE_S3_BUCKET"),
+            (&["cleanup", "--storage", "s3"][..], "CRATERE_S3_BUCKET"),
+            (&["--storage", "gcs"][..], "CRATERE_STORAGE"),
+            (
+                &["--storage", "s3", "--s3-bucket", "Bad_Bucket"][..],
+                "CRATERE_S3_BUCKET",
+            ),
+            (&["--s3-endpoint", "ftp://x"][..], "CRATERE_S3_ENDPOINT"),
+            (&["--s3-prefix", "a/../b"][..], "CRATERE_S3_PREFIX"),
+            (&["--s3-prefix", "a b"][..], "CRATERE_S3_PREFIX"),
+            (&["--s3-path-style", "maybe"][..], "CRATERE_S3_PATH_STYLE"),
+            (
+                &["--s3-local-cache-size", "much"][..],
+                "CRATERE_S3_LOCAL_CACHE_SIZE",
+            ),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(var), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn storage_settings() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.storage, StorageKind::Fs);
+        assert_eq!(c.s3_bucket, None);
+        assert_eq!(c.s3_endpoint, S3Endpoint(None));
+        assert_eq!(c.s3_region, "us-east-1");
+        assert!(!c.s3_path_style);
+        assert_eq!(c.s3_prefix.as_str(), "");
+        assert_eq!(c.s3_local_cache_size, None);
+        let c = parse(&[
+            "--storage",
+            "s3",
+            "--s3-bucket",
+            "crates",
+            "--s3-endpoint",
+            "http://127.0.0.1:9000/",
+            "--s3-region",
+            "eu-west-3",
+            "--s3-path-style",
+            "true",
+            "--s3-prefix",
+            "/cratere/prod/",
+            "--s3-local-cache-size",
+            "2GiB",
+        ])
+        .unwrap();
+        assert_eq!(c.s3_local_cache_size, Some(2 << 30));
+        assert_eq!(c.storage, StorageKind::S3);
+        assert_eq!(c.s3_bucket.as_deref(), Some("crates"));
+        assert_eq!(c.s3_endpoint.0.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(c.s3_region, "eu-west-3");
+        assert!(c.s3_path_style);
+        assert_eq!(c.s3_prefix.as_str(), "cratere/prod/");
+        let c = parse(&[
+            "--storage",
+            "s3",
+            "--s3-bucket",
+            "b.b-1",
+            "--s3-endpoint",
+            "",
+        ])
+        .unwrap();
+        assert_eq!(c.s3_endpoint, S3Endpoint(None));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::index_cache::{IndexCache, IndexKey};
 use crate::metrics::{Kind, Metrics, Outcome};
 use crate::names::{CrateKey, CrateName, Version};
 use crate::sparse::CACHE_HEADER;
-use crate::storage::FsStore;
+use crate::storage::CrateStore;
 use crate::upstream::{Upstream, UpstreamError, crate_url};
 use crate::usage::Usage;
 
@@ -78,6 +78,11 @@ enum Progress {
     Streaming {
         written: u64,
         total: Option<u64>,
+    },
+    /// Verified: every byte may go to the clients. The crate is still being stored (an
+    /// upload to S3 takes a while; clients need not wait for it).
+    Verified {
+        len: u64,
     },
     /// Verified and stored (or, if the store failed, verified and still readable).
     Done {
@@ -154,7 +159,7 @@ pub struct Cached {
 }
 
 pub struct Downloads {
-    store: FsStore,
+    store: CrateStore,
     index: Arc<IndexCache>,
     upstream: Upstream,
     /// `CRATERE_UPSTREAM_DL`; when unset, upstream's config.json says.
@@ -167,7 +172,7 @@ pub struct Downloads {
 
 impl Downloads {
     pub fn new(
-        store: FsStore,
+        store: CrateStore,
         index: Arc<IndexCache>,
         upstream: Upstream,
         dl_override: Option<String>,
@@ -185,7 +190,7 @@ impl Downloads {
         }
     }
 
-    pub fn store(&self) -> &FsStore {
+    pub fn store(&self) -> &CrateStore {
         &self.store
     }
 
@@ -202,17 +207,22 @@ impl Downloads {
         // Two rounds: if a fetch finds the file already cached (a race with another fetch
         // finishing), read it from the cache.
         for _ in 0..2 {
-            if let Some((file, len, head)) = self
-                .store
-                .open_with_head(&key.as_relative(), READ_CHUNK)
-                .await?
-            {
-                self.usage.record_crate(&key);
-                return Ok(Download {
-                    body: file_body(file, len, head),
-                    len: Some(len),
-                    hit: true,
-                });
+            match self.store.open_read(&key.as_relative()).await {
+                Ok(Some(stored)) => {
+                    self.usage.record_crate(&key);
+                    return Ok(Download {
+                        len: Some(stored.len),
+                        body: Body::from_stream(stored.into_stream()),
+                        hit: true,
+                    });
+                }
+                Ok(None) => {}
+                // A bucket that fails is no reason to fail the client: fetch upstream.
+                Err(e) if self.store.is_remote() => {
+                    tracing::warn!(krate = %key.as_relative(), error = %e,
+                        "cannot read from the crate store; fetching upstream");
+                }
+                Err(e) => return Err(e.into()),
             }
             let flight = self.join_or_start(&key, name)?;
             let mut rx = flight.state.subscribe();
@@ -226,7 +236,7 @@ impl Downloads {
                 Progress::AlreadyCached => continue,
                 Progress::Failed(f) => return Err(f.into()),
                 Progress::Streaming { total, .. } => total,
-                Progress::Done { len } => Some(len),
+                Progress::Verified { len } | Progress::Done { len } => Some(len),
             };
             return Ok(Download {
                 body: Body::from_stream(tail(flight.clone(), rx, total)),
@@ -248,7 +258,7 @@ impl Downloads {
     ) -> Result<Cached, AppError> {
         let key = CrateKey::new(name, version);
         for _ in 0..2 {
-            if let Some((_, len)) = self.store.open_read(&key.as_relative()).await? {
+            if let Some(len) = self.store.len(&key.as_relative()).await? {
                 self.usage.record_crate(&key);
                 return Ok(Cached {
                     fetched: false,
@@ -271,7 +281,9 @@ impl Downloads {
                 Progress::AlreadyCached => continue,
                 Progress::Failed(f) => return Err(f.into()),
                 Progress::Done { len } => return Ok(Cached { fetched: true, len }),
-                Progress::Starting | Progress::Streaming { .. } => unreachable!(),
+                Progress::Starting | Progress::Streaming { .. } | Progress::Verified { .. } => {
+                    unreachable!()
+                }
             }
         }
         Err(AppError::Internal(anyhow::anyhow!(
@@ -337,10 +349,7 @@ impl Downloads {
         flight: &Flight,
     ) -> Result<Progress, Failure> {
         let rel = key.as_relative();
-        if tokio::fs::try_exists(self.store.path(&rel))
-            .await
-            .unwrap_or(false)
-        {
+        if let Ok(Some(_)) = self.store.len(&rel).await {
             return Ok(Progress::AlreadyCached);
         }
         let (canonical, cksum) = self.checksum(requested, key.version()).await?;
@@ -415,16 +424,17 @@ impl Downloads {
         let Some(writer) = writer else {
             return Ok(Progress::Done { len: written });
         };
-        let store = self.store.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            writer.as_file().sync_data()?;
-            store.persist(writer, &rel)
-        })
-        .await;
-        match stored {
-            Ok(Ok(())) => self.metrics.crate_stored(written),
-            Ok(Err(e)) => tracing::warn!(error = %e, "crate verified but could not be stored"),
-            Err(e) => tracing::error!(error = %e, "store task failed"),
+        if self.store.is_remote() {
+            // Clients get their last bytes now, from the temp file; the upload follows.
+            flight
+                .state
+                .send_replace(Progress::Verified { len: written });
+        }
+        match self.store.store(writer, &rel).await {
+            Ok(()) => self.metrics.crate_stored(written),
+            Err(e) => {
+                tracing::warn!(krate = %rel, error = %e, "crate verified but could not be stored")
+            }
         }
         Ok(Progress::Done { len: written })
     }
@@ -520,17 +530,6 @@ async fn write_blocking(
         .map_err(std::io::Error::other)?
 }
 
-/// A cached file's body: its first chunk (already read), then the rest streamed in chunks.
-pub fn file_body(file: std::fs::File, len: u64, head: Bytes) -> Body {
-    if head.len() as u64 == len {
-        return Body::from(head);
-    }
-    let rest =
-        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), READ_CHUNK);
-    let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) });
-    Body::from_stream(futures_util::StreamExt::chain(first, rest))
-}
-
 /// Streams an in-flight download to one client: everything written so far, then more as it
 /// arrives. When the length is known, the final byte is held back until the file is verified,
 /// and without a length the chunked body is only terminated then; a failure aborts the stream.
@@ -552,7 +551,7 @@ fn tail(
                         let held_back = total.map_or(written, |t| written.min(t.saturating_sub(1)));
                         (held_back, false)
                     }
-                    Progress::Done { len } => (len, true),
+                    Progress::Verified { len } | Progress::Done { len } => (len, true),
                     Progress::Failed(f) => {
                         let err = std::io::Error::other(format!("download failed: {f:?}"));
                         return Some((Err(err), (flight, rx, u64::MAX)));

@@ -6,7 +6,8 @@
 //! - [`names`]: crate names, versions and index paths as types (the only way input becomes a
 //!   path or a key).
 //! - [`upstream`]: the one HTTP client to upstream.
-//! - [`storage`]: files on disk, written through temp files and atomic renames.
+//! - [`storage`]: files on disk, written through temp files and atomic renames; crate files
+//!   on disk or in an S3-compatible bucket shared by several replicas.
 //! - [`index_cache`]: cached index files: freshness, revalidation, stale serving.
 //! - [`sparse`]: sparse index routes and the proxy's own config.json.
 //! - [`downloads`]: the crate route: hits, coalesced streaming misses, verification.

@@ -4,6 +4,8 @@
 //! Where the record lives:
 //! - **Crate files**: the file's own mtime. A `.crate` never changes once stored, so its mtime
 //!   carries no other meaning; writing it is one `futimens`, reading it one `stat`.
+//!   With `CRATERE_STORAGE=s3` crate uses are usage records in the bucket instead
+//!   ([`crate::storage::s3`]), shared by every replica.
 //! - **Index files**: their mtime already means "last confirmed with upstream" (see
 //!   [`crate::index_cache`]), so each has an empty marker file at the same relative path under
 //!   `$CRATERE_INDEX/sparse/.used/`, whose mtime is the last use.
@@ -36,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::names::{CrateKey, IndexPath};
+use crate::storage::CrateStore;
 
 /// How often recorded uses are written to disk: the most a crash can lose.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -56,18 +59,18 @@ pub enum Use {
 }
 
 pub struct Usage {
-    crates_root: PathBuf,
+    crates: CrateStore,
     index_root: PathBuf,
     clock: Arc<dyn Clock>,
     pending: Mutex<HashMap<Use, SystemTime>>,
 }
 
 impl Usage {
-    /// Usage records of the crate cache at `crates_root` and the sparse index cache at
-    /// `index_root` (`$CRATERE_INDEX/sparse`).
-    pub fn new(crates_root: &Path, index_root: &Path, clock: Arc<dyn Clock>) -> Usage {
+    /// Usage records of the crate store and the sparse index cache at `index_root`
+    /// (`$CRATERE_INDEX/sparse`).
+    pub fn new(crates: CrateStore, index_root: &Path, clock: Arc<dyn Clock>) -> Usage {
         Usage {
-            crates_root: crates_root.to_path_buf(),
+            crates,
             index_root: index_root.to_path_buf(),
             clock,
             pending: Mutex::default(),
@@ -82,27 +85,35 @@ impl Usage {
         self.clock.now()
     }
 
-    /// Whether crate mtimes are last-use times (the marker exists).
+    /// Whether crate mtimes are last-use times (the marker exists). Always true in S3, where
+    /// crates from before usage tracking cannot exist.
     pub fn is_tracked(&self) -> bool {
-        self.crates_root.join(TRACKED_MARKER).exists()
+        match &self.crates {
+            CrateStore::Fs(fs) => fs.root().join(TRACKED_MARKER).exists(),
+            CrateStore::S3(_) => true,
+        }
     }
 
     /// On a cache whose crate files have no usage record yet, records a use of each of them
     /// now and writes the marker. Returns how many files were adopted, `None` if the cache was
     /// already tracked. A crash halfway leaves no marker, so the next start does it again.
     pub fn adopt_untracked(&self) -> io::Result<Option<usize>> {
+        let CrateStore::Fs(fs) = &self.crates else {
+            return Ok(None);
+        };
         if self.is_tracked() {
             return Ok(None);
         }
+        let root = fs.root();
         let now = self.clock.now();
         let mut n = 0;
-        for f in crate::storage::list_files(&self.crates_root)? {
-            if f.rel.ends_with(".crate") && set_mtime(&self.crates_root.join(&f.rel), now, false)? {
+        for f in crate::storage::list_files(root)? {
+            if f.rel.ends_with(".crate") && set_mtime(&root.join(&f.rel), now, false)? {
                 n += 1;
             }
         }
         std::fs::write(
-            self.crates_root.join(TRACKED_MARKER),
+            root.join(TRACKED_MARKER),
             "The mtime of each .crate file in this directory is its last use by cratere.\n",
         )?;
         tracing::info!(
@@ -135,34 +146,40 @@ impl Usage {
         self.pending.lock().expect("lock poisoned").get(u).copied()
     }
 
-    /// Writes the recorded uses to disk. Returns how many records were written. Errors are
-    /// logged: a lost record only makes a file look older than it is.
+    /// Writes the recorded uses (crate uses to the crate store, index uses to disk). Returns
+    /// how many records were written. Errors are logged: a lost record only makes a file look
+    /// older than it is.
     pub async fn flush(&self) -> usize {
         let batch = std::mem::take(&mut *self.pending.lock().expect("lock poisoned"));
         if batch.is_empty() {
             return 0;
         }
-        let (crates, index) = (self.crates_root.clone(), self.index_root.clone());
-        let res = tokio::task::spawn_blocking(move || {
+        let mut crates = Vec::new();
+        let mut index = Vec::new();
+        for (u, when) in batch {
+            match u {
+                Use::Crate(rel) => crates.push((rel, when)),
+                Use::Index(rel) => index.push((rel, when)),
+            }
+        }
+        let index_root = self.index_root.clone();
+        let index_task = tokio::task::spawn_blocking(move || {
             let mut written = 0;
-            for (u, when) in batch {
-                let res = match &u {
-                    Use::Crate(rel) => set_mtime(&crates.join(rel), when, false),
-                    Use::Index(rel) => set_mtime(&index_mark_path(&index, rel), when, true),
-                };
-                match res {
+            for (rel, when) in index {
+                match set_mtime(&index_mark_path(&index_root, &rel), when, true) {
                     Ok(true) => written += 1,
                     Ok(false) => {}
-                    Err(e) => tracing::warn!(file = ?u, error = %e, "cannot record a use"),
+                    Err(e) => tracing::warn!(file = %rel, error = %e, "cannot record a use"),
                 }
             }
             written
-        })
-        .await;
-        res.unwrap_or_else(|e| {
+        });
+        let crates_written = self.crates.record_uses(crates).await;
+        let index_written = index_task.await.unwrap_or_else(|e| {
             tracing::error!(error = %e, "usage flush task failed");
             0
-        })
+        });
+        crates_written + index_written
     }
 
     /// Last recorded use of an index file (`None`: no record).
@@ -199,7 +216,7 @@ fn index_mark_path(index_root: &Path, rel: &str) -> PathBuf {
 /// Sets `path`'s mtime to `when` unless it is already later (a use never makes a file look
 /// older, e.g. when two processes record uses of it). Returns false when the file does not
 /// exist and `create` is false (a crate removed meanwhile is not re-created as an empty file).
-fn set_mtime(path: &Path, when: SystemTime, create: bool) -> io::Result<bool> {
+pub(crate) fn set_mtime(path: &Path, when: SystemTime, create: bool) -> io::Result<bool> {
     let open = || {
         std::fs::File::options()
             .read(!create)
@@ -246,6 +263,7 @@ pub fn spawn_flusher(usage: Arc<Usage>, tracker: &TaskTracker, shutdown: Cancell
 mod tests {
     use super::*;
     use crate::clock::{Clock, FakeClock, days};
+    use crate::storage::FsStore;
 
     fn setup() -> (tempfile::TempDir, Arc<FakeClock>, Usage) {
         let dir = tempfile::tempdir().unwrap();
@@ -253,7 +271,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("sparse")).unwrap();
         let clock = Arc::new(FakeClock::new());
         let usage = Usage::new(
-            &dir.path().join("crates"),
+            CrateStore::Fs(FsStore::open(&dir.path().join("crates")).unwrap()),
             &dir.path().join("sparse"),
             clock.clone(),
         );

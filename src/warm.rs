@@ -9,8 +9,8 @@
 //! [`Downloads`]: crate::downloads::Downloads
 
 use std::collections::HashSet;
-use std::io::{IsTerminal, Read};
-use std::path::{Path, PathBuf};
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -23,6 +23,7 @@ use crate::config::WarmArgs;
 use crate::downloads::find_version;
 use crate::index_cache::IndexKey;
 use crate::names::{CrateKey, CrateName, Version};
+use crate::storage::CrateStore;
 
 /// The `source` of a crates.io package in a lockfile: the git index URL (what cargo writes
 /// whichever protocol it used) or the sparse one.
@@ -175,36 +176,30 @@ async fn warm_one(state: &AppState, p: &Package) -> Result<Warmed, String> {
         .ensure_cached(&p.name, &p.version)
         .await
         .map_err(|e| e.to_string())?;
-    let path = state
-        .downloads
-        .store()
-        .path(&CrateKey::new(&p.name, &p.version).as_relative());
-    let checksum = p.checksum.clone();
-    tokio::task::spawn_blocking(move || verify(&path, checksum.as_deref()))
-        .await
-        .map_err(|e| e.to_string())??;
+    let rel = CrateKey::new(&p.name, &p.version).as_relative();
+    verify(state.downloads.store(), &rel, p.checksum.as_deref()).await?;
     Ok(Warmed {
         fetched: cached.fetched,
         bytes: cached.len,
     })
 }
 
-/// The cached file is there and, when the lockfile gives a checksum, has exactly that sha256.
-fn verify(path: &Path, checksum: Option<&str>) -> Result<(), String> {
-    let mut file = std::fs::File::open(path).map_err(|e| format!("not in the cache: {e}"))?;
+/// The stored file is there and, when the lockfile gives a checksum, has exactly that sha256
+/// (read back from the store: from disk, or from the bucket).
+async fn verify(store: &CrateStore, rel: &str, checksum: Option<&str>) -> Result<(), String> {
+    let stored = match store.open_read(rel).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Err("not in the cache".into()),
+        Err(e) => return Err(format!("not in the cache: {e}")),
+    };
     let Some(expected) = checksum else {
         return Ok(());
     };
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 128 * 1024];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| format!("reading the cached file: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
+    let mut body = stored.into_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| format!("reading the cached file: {e}"))?;
+        hasher.update(&chunk);
     }
     let got = hex::encode(hasher.finalize());
     if got != expected {
@@ -281,7 +276,7 @@ pub async fn command(args: WarmArgs) -> anyhow::Result<ExitCode> {
         report.already_cached,
         report.failed.len(),
         bytesize::ByteSize(report.bytes_total),
-        state.config.cache.display(),
+        state.downloads.store().describe(),
     );
     if report.failed.is_empty() {
         Ok(ExitCode::SUCCESS)

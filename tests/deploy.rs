@@ -17,20 +17,128 @@ fn s(v: &Value) -> &str {
     v.as_str().unwrap_or_else(|| panic!("not a string: {v:?}"))
 }
 
-#[tokio::test]
-async fn kubernetes_manifests_fit_together_and_with_the_binary() {
-    let kustomization = manifest("kustomization.yaml");
-    let resources: Vec<&str> = kustomization["resources"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(s)
-        .collect();
+/// The resources of a kustomization directory (under deploy/k8s/), by kind.
+fn resources(dir: &str) -> BTreeMap<String, Value> {
+    let kustomization = manifest(&format!("{dir}kustomization.yaml"));
     let mut kinds = BTreeMap::new();
-    for r in &resources {
-        let m = manifest(r);
+    for r in kustomization["resources"].as_sequence().unwrap() {
+        let m = manifest(&format!("{dir}{}", s(r)));
         kinds.insert(s(&m["kind"]).to_string(), m);
     }
+    kinds
+}
+
+/// The settings of a ConfigMap, parsed by the binary's own parser.
+fn parse_config_map(cm: &Value) -> cratere::config::Config {
+    let data = cm["data"].as_mapping().unwrap();
+    let mut args = vec!["cratere".to_string(), "serve".to_string()];
+    let known = cratere_env_vars();
+    for (k, v) in data {
+        let (k, v) = (s(k), s(v));
+        if k == "RUST_LOG" {
+            continue;
+        }
+        assert!(known.contains_key(k), "{k} is not a cratere setting");
+        args.push(format!("--{}={v}", known[k]));
+    }
+    cratere::config::Cli::try_parse_args(&args)
+        .unwrap_or_else(|e| panic!("ConfigMap values do not parse: {e}"))
+        .into_config()
+}
+
+#[tokio::test]
+async fn the_s3_overlay_runs_several_replicas_on_one_bucket() {
+    let kinds = resources("s3/");
+    assert_eq!(
+        kinds.keys().cloned().collect::<Vec<_>>(),
+        ["ConfigMap", "Deployment", "Secret", "Service"],
+        "no PersistentVolumeClaim: replicas keep only caches locally"
+    );
+    let (cm, dep, secret, svc) = (
+        &kinds["ConfigMap"],
+        &kinds["Deployment"],
+        &kinds["Secret"],
+        &kinds["Service"],
+    );
+    let config = parse_config_map(cm);
+    assert_eq!(config.storage, cratere::config::StorageKind::S3);
+    let bucket = config.s3_bucket.clone().expect("a bucket");
+
+    assert!(dep["spec"]["replicas"].as_u64().unwrap() >= 2);
+    assert_ne!(s(&dep["spec"]["strategy"]["type"]), "Recreate");
+    let spec = &dep["spec"]["template"]["spec"];
+    let c = &spec["containers"][0];
+    assert_eq!(
+        s(&c["envFrom"][0]["configMapRef"]["name"]),
+        s(&cm["metadata"]["name"])
+    );
+    assert_eq!(
+        s(&c["envFrom"][1]["secretRef"]["name"]),
+        s(&secret["metadata"]["name"])
+    );
+    // The Secret holds exactly the standard AWS credential variables.
+    let keys: Vec<_> = secret["stringData"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| s(k).to_string())
+        .collect();
+    assert_eq!(keys, ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]);
+    // Local data on a per-pod volume covering both directories.
+    let mount = s(&c["volumeMounts"][0]["mountPath"]);
+    assert_eq!(
+        s(&c["volumeMounts"][0]["name"]),
+        s(&spec["volumes"][0]["name"])
+    );
+    assert!(spec["volumes"][0]["emptyDir"].is_mapping());
+    assert!(config.cache.starts_with(mount) && config.index.starts_with(mount));
+    assert_eq!(
+        c["ports"][0]["containerPort"].as_u64().unwrap(),
+        config.port as u64
+    );
+    assert!(spec["securityContext"]["runAsNonRoot"].as_bool().unwrap());
+    assert!(
+        spec["terminationGracePeriodSeconds"].as_u64().unwrap() > config.shutdown_grace.as_secs()
+    );
+    assert_eq!(
+        svc["spec"]["selector"],
+        dep["spec"]["template"]["metadata"]["labels"]
+    );
+    assert_eq!(
+        s(&svc["spec"]["ports"][0]["targetPort"]),
+        s(&c["ports"][0]["name"])
+    );
+
+    // These settings (bucket, prefix; the endpoint pointed at a local S3 server) serve, and
+    // the probes answer 200.
+    let s3 = common::s3::S3Server::start_with_bucket(&bucket).await;
+    let up = common::FakeUpstream::start().await;
+    let bytes = up.publish("probe", "1.0.0", 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut local = common::Proxy::config(&up.url, dir.path());
+    s3.configure(&mut local);
+    local.s3_prefix = config.s3_prefix.clone();
+    local.s3_region = config.s3_region.clone();
+    let proxy = common::Proxy::start_with(local).await;
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let path = s(&c[probe]["httpGet"]["path"]);
+        assert_eq!(proxy.get(path).await.status(), 200, "{probe} {path}");
+    }
+    let r = proxy.get("/api/v1/crates/probe/1.0.0/download").await;
+    assert_eq!(r.bytes().await.unwrap(), bytes);
+    common::wait_until_async(
+        || async {
+            let key = format!("{}pr/ob/probe/probe-1.0.0.crate", config.s3_prefix.as_str());
+            s3.keys().await.contains(&key)
+        },
+        "the crate under the prefix",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn kubernetes_manifests_fit_together_and_with_the_binary() {
+    let kinds = resources("");
     assert_eq!(
         kinds.keys().cloned().collect::<Vec<_>>(),
         [
@@ -48,21 +156,7 @@ async fn kubernetes_manifests_fit_together_and_with_the_binary() {
     );
 
     // The ConfigMap holds only variables the binary knows, and they parse.
-    let data = cm["data"].as_mapping().unwrap();
-    let mut args = vec!["cratere".to_string(), "serve".to_string()];
-    let known = cratere_env_vars();
-    for (k, v) in data {
-        let (k, v) = (s(k), s(v));
-        if k == "RUST_LOG" {
-            continue;
-        }
-        assert!(known.contains_key(k), "{k} is not a cratere setting");
-        args.push(format!("--{}", known[k]));
-        args.push(v.to_string());
-    }
-    let config = cratere::config::Cli::try_parse_args(&args)
-        .unwrap_or_else(|e| panic!("ConfigMap values do not parse: {e}"))
-        .into_config();
+    let config = parse_config_map(cm);
 
     // The Deployment uses that ConfigMap and PVC, exposes CRATERE_PORT, probes real routes.
     let spec = &dep["spec"]["template"]["spec"];

@@ -51,6 +51,16 @@ fn files_under(p: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Bytes available on the filesystem of `p`.
+fn free_bytes(p: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_does_not_stop_downloads_and_caching_resumes() {
     let up = FakeUpstream::start().await;
@@ -82,6 +92,15 @@ async fn a_full_disk_does_not_stop_downloads_and_caching_resumes() {
         "nothing half-written is kept: {:?}",
         files_under(&cache)
     );
+
+    // The failed download's partial file is unlinked but stays allocated until the server
+    // closes it, a moment after the client got its last byte: wait for that, or the filler
+    // below would not fill the disk.
+    common::wait_until(
+        || free_bytes(&cache) > 1_900_000,
+        "the space of the failed download to be freed",
+    )
+    .await;
 
     // Fill the disk, then a crate that fits nowhere.
     let filler = cache.join("filler");

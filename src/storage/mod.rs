@@ -1,5 +1,6 @@
-//! Where bytes live on disk: a directory of files addressed by relative keys that only typed
-//! names produce, written through temp files and atomic renames.
+//! Where bytes live: on disk, a directory of files addressed by relative keys that only typed
+//! names produce, written through temp files and atomic renames ([`FsStore`]); crate files
+//! either there or in an S3-compatible bucket ([`CrateStore`]).
 //!
 //! Every write goes to `<root>/.tmp/` first and is renamed into place when complete, so a reader
 //! (or a crash at any moment) sees either nothing or a whole file. Leftover temp files from a
@@ -10,6 +11,12 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use tempfile::NamedTempFile;
+
+pub mod crates;
+pub mod local_cache;
+pub mod s3;
+
+pub use crates::{CrateInfo, CrateStore, StoredCrate};
 
 /// Directory (inside the root) holding files being written.
 const TMP_DIR: &str = ".tmp";
@@ -97,17 +104,6 @@ impl FsStore {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
-    }
-
-    /// Number and total size of the stored files with the given extension (temp files and
-    /// dot-files excluded). Blocking: a walk of the whole tree, for background jobs only.
-    pub fn usage(&self, extension: &str) -> io::Result<(u64, u64)> {
-        let suffix = format!(".{extension}");
-        Ok(self
-            .list()?
-            .iter()
-            .filter(|f| f.rel.ends_with(&suffix))
-            .fold((0, 0), |(n, b), f| (n + 1, b + f.len)))
     }
 
     /// Whether a file can be created in the store (for readiness).

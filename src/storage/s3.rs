@@ -1,0 +1,749 @@
+//! Crate files in an S3-compatible bucket (AWS S3, MinIO, Garage, Ceph…), shared by any
+//! number of replicas, through the `object_store` crate.
+//!
+//! Layout under `CRATERE_S3_PREFIX` (`P`):
+//! - `P` + the disk layout, e.g. `P/se/rd/serde/serde-1.0.200.crate`: the verified crate.
+//!   Uploaded only once complete and verified: one PUT with `If-None-Match: *` (a crate
+//!   another replica stored first is left as it is: the bytes are the same), or, above
+//!   [`PART_SIZE`], a multipart upload, which becomes visible only when completed.
+//! - `P/.usage/<crate key>/<unix ms>`: empty usage records. An object's mtime cannot be
+//!   touched cheaply, so each replica's usage flusher writes a record of a use; the newest
+//!   record (or the crate's own upload time) is the crate's last use. Times live in the key so
+//!   that one listing of the bucket yields every crate's last use (user metadata and bodies
+//!   would need a request per object). A replica writes at most one record per crate per
+//!   [`S3Crates::use_slack`]-sized step (a PUT costs money; the age rule counts in days), and
+//!   a cleanup keeps crates for that much longer than `CRATERE_MAX_DAYS_UNUSED`. Each cleanup
+//!   deletes the records a newer one supersedes, and those of crates that are gone.
+//! - `P/.locks/cleanup`: the cleanup lease ([`Lease`]): one cleanup at a time in the fleet.
+//!
+//! Hits stream the object's body as it arrives; a bucket that fails is logged and the
+//! download goes to upstream instead (see [`crate::downloads`]).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    UpdateVersion, WriteMultipart,
+};
+use tempfile::NamedTempFile;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::FsStore;
+use super::crates::{CrateInfo, StoredCrate};
+use super::local_cache::LocalCache;
+use crate::clock::Clock;
+use crate::config::Config;
+
+/// Crates up to this size are uploaded with one PUT (read into memory); larger ones in parts
+/// of this size (S3 wants parts of at least 5 MiB).
+pub const PART_SIZE: usize = 8 << 20;
+
+/// Uploads at once per replica (bounds the memory of single-PUT uploads: 16 × 8 MiB).
+const UPLOADS: usize = 16;
+
+/// Usage records written at once by a flush.
+const RECORD_WRITES: usize = 16;
+
+/// Directory (under the prefix) of the usage records.
+pub const USAGE_DIR: &str = ".usage";
+
+/// Key (under the prefix) of the cleanup lease.
+pub const LOCK_KEY: &str = ".locks/cleanup";
+
+/// How long a cleanup lease lasts without renewal; a replica that dies holding it blocks
+/// cleanups for at most this long.
+pub const LEASE_TTL: Duration = Duration::from_secs(120);
+
+/// How often a held lease is renewed.
+const LEASE_RENEW: Duration = Duration::from_secs(30);
+
+pub struct S3Crates {
+    store: Arc<AmazonS3>,
+    /// `CRATERE_CACHE`: temp files of downloads in progress.
+    local: FsStore,
+    bucket: String,
+    /// Empty or ending in `/`.
+    prefix: String,
+    /// A replica writes a crate's usage record at most once per this time.
+    resolution: Duration,
+    /// The last record this process wrote per crate.
+    written: Mutex<HashMap<String, SystemTime>>,
+    uploads: Semaphore,
+    /// `CRATERE_S3_LOCAL_CACHE_SIZE`: copies of crates on this replica's disk.
+    local_cache: Option<Arc<LocalCache>>,
+}
+
+fn to_io(e: object_store::Error) -> io::Error {
+    match e {
+        object_store::Error::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, e),
+        e => io::Error::other(e),
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// An object's time to the second (listings give milliseconds, HEAD whole seconds).
+fn object_time(t: chrono::DateTime<chrono::Utc>) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+}
+
+impl S3Crates {
+    /// A client for the configured bucket (no request is made: see [`S3Crates::check`]).
+    pub fn new(config: &Config, local: FsStore) -> anyhow::Result<S3Crates> {
+        let bucket = config
+            .s3_bucket
+            .clone()
+            .context("CRATERE_S3_BUCKET is required with CRATERE_STORAGE=s3")?;
+        // Hits stream for as long as the client takes: no total timeout, but a bound on
+        // each wait for bytes.
+        let mut options = ClientOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout_disabled()
+            .with_read_timeout(Duration::from_secs(30));
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&bucket)
+            .with_region(&config.s3_region)
+            .with_virtual_hosted_style_request(!config.s3_path_style)
+            .with_retry(RetryConfig {
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(20),
+                ..RetryConfig::default()
+            });
+        if let Some(c) = &config.s3_credentials {
+            builder = builder
+                .with_access_key_id(&c.access_key_id)
+                .with_secret_access_key(&c.secret_access_key);
+        }
+        if let Some(endpoint) = &config.s3_endpoint.0 {
+            options = options.with_allow_http(endpoint.starts_with("http://"));
+            builder = builder.with_endpoint(endpoint);
+        }
+        let store = builder
+            .with_client_options(options)
+            .build()
+            .context("CRATERE_S3_*: cannot build the S3 client")?;
+        // Records at most every 1/100 of the age limit, and at least daily.
+        let resolution = (config.max_unused / 100).min(Duration::from_secs(86_400));
+        let local_cache = config
+            .s3_local_cache_size
+            .map(|max| LocalCache::open(local.clone(), max))
+            .transpose()
+            .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
+        Ok(S3Crates {
+            local_cache,
+            store: Arc::new(store),
+            local,
+            bucket,
+            prefix: config.s3_prefix.as_str().to_string(),
+            resolution,
+            written: Mutex::default(),
+            uploads: Semaphore::new(UPLOADS),
+        })
+    }
+
+    pub fn local(&self) -> &FsStore {
+        &self.local
+    }
+
+    pub fn describe(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+
+    /// The object_store client (tests inspect the bucket through it).
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
+    /// The object key of a crate (`rel` comes from [`crate::names::CrateKey`]).
+    pub fn key(&self, rel: &str) -> io::Result<Path> {
+        Path::parse(format!("{}{rel}", self.prefix))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    }
+
+    fn records_dir(&self, rel: &str) -> io::Result<Path> {
+        self.key(&format!("{USAGE_DIR}/{rel}"))
+    }
+
+    fn lock_key(&self) -> Path {
+        Path::parse(format!("{}{LOCK_KEY}", self.prefix)).expect("valid key")
+    }
+
+    fn prefix_path(&self) -> Option<Path> {
+        let p = self.prefix.trim_end_matches('/');
+        (!p.is_empty()).then(|| Path::parse(p).expect("prefix checked by config"))
+    }
+
+    fn rel_of<'a>(&self, location: &'a Path) -> Option<&'a str> {
+        location.as_ref().strip_prefix(&self.prefix)
+    }
+
+    /// The local copies, when `CRATERE_S3_LOCAL_CACHE_SIZE` is set.
+    pub fn local_cache(&self) -> Option<&Arc<LocalCache>> {
+        self.local_cache.as_ref()
+    }
+
+    pub async fn open_read(&self, rel: &str) -> io::Result<Option<StoredCrate>> {
+        if let Some(cache) = &self.local_cache
+            && let Some((file, len)) = cache.open_read(rel).await
+        {
+            return Ok(Some(StoredCrate::from_file(len, file)));
+        }
+        match self.store.get(&self.key(rel)?).await {
+            Ok(got) => {
+                let len = got.meta.size;
+                let mut stream = got.into_stream().map_err(to_io).boxed();
+                if let Some(cache) = &self.local_cache {
+                    stream = cache.tee(rel, len, stream);
+                }
+                Ok(Some(StoredCrate::from_stream(len, stream)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
+    pub async fn len(&self, rel: &str) -> io::Result<Option<u64>> {
+        match self.store.head(&self.key(rel)?).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
+    /// Uploads a complete, verified temp file. The object appears only when the upload is
+    /// complete; if another replica stored the same crate first, that copy stays. The file
+    /// then becomes this replica's local copy, if it keeps copies.
+    pub async fn upload(&self, tmp: NamedTempFile, rel: &str) -> io::Result<()> {
+        self.put_file(&tmp, rel).await?;
+        if let Some(cache) = self.local_cache.clone() {
+            let rel = rel.to_string();
+            let _ = tokio::task::spawn_blocking(move || cache.keep(tmp, &rel)).await;
+        }
+        Ok(())
+    }
+
+    async fn put_file(&self, tmp: &NamedTempFile, rel: &str) -> io::Result<()> {
+        let key = self.key(rel)?;
+        let _permit = self.uploads.acquire().await.map_err(io::Error::other)?;
+        let mut file = tmp.reopen()?;
+        let len = file.metadata()?.len();
+        if len <= PART_SIZE as u64 {
+            let bytes = tokio::task::spawn_blocking(move || {
+                let mut buf = Vec::with_capacity(len as usize);
+                std::io::Read::read_to_end(&mut file, &mut buf).map(|_| buf)
+            })
+            .await
+            .map_err(io::Error::other)??;
+            let opts = PutOptions::from(PutMode::Create);
+            return match self
+                .store
+                .put_opts(&key, PutPayload::from(bytes), opts)
+                .await
+            {
+                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+                Err(e) => Err(to_io(e)),
+            };
+        }
+        if self.len(rel).await?.is_some() {
+            return Ok(()); // stored by another replica meanwhile
+        }
+        let upload = self.store.put_multipart(&key).await.map_err(to_io)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut file = Some(file);
+        loop {
+            if let Err(e) = writer.wait_for_capacity(2).await {
+                let _ = writer.abort().await;
+                return Err(to_io(e));
+            }
+            let mut f = file.take().expect("file");
+            let read = tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                let mut buf = Vec::with_capacity(PART_SIZE);
+                (&mut f)
+                    .take(PART_SIZE as u64)
+                    .read_to_end(&mut buf)
+                    .map(|_| (f, buf))
+            })
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r);
+            let (f, chunk) = match read {
+                Ok(read) => read,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(e);
+                }
+            };
+            if chunk.is_empty() {
+                break;
+            }
+            file = Some(f);
+            writer.put(Bytes::from(chunk));
+        }
+        writer.finish().await.map_err(to_io)?;
+        Ok(())
+    }
+
+    /// Lists the bucket once: crates with their last use, and usage records by crate (key
+    /// and time).
+    async fn scan(&self) -> io::Result<Scan> {
+        let mut scan = Scan::default();
+        let mut listing = self.store.list(self.prefix_path().as_ref());
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(to_io)?;
+            let Some(rel) = self.rel_of(&meta.location) else {
+                continue;
+            };
+            if let Some(record) = rel.strip_prefix(&format!("{USAGE_DIR}/")) {
+                if let Some((krate, ms)) = record.rsplit_once('/')
+                    && let Ok(ms) = ms.parse::<u64>()
+                {
+                    scan.records
+                        .entry(krate.to_string())
+                        .or_default()
+                        .push((meta.location.clone(), from_unix_ms(ms)));
+                }
+                continue;
+            }
+            if rel.split('/').any(|s| s.starts_with('.')) || !rel.ends_with(".crate") {
+                continue;
+            }
+            scan.crates
+                .push((rel.to_string(), meta.size, object_time(meta.last_modified)));
+        }
+        Ok(scan)
+    }
+
+    pub async fn list(&self) -> io::Result<Vec<CrateInfo>> {
+        let scan = self.scan().await?;
+        Ok(scan
+            .crates
+            .iter()
+            .map(|(rel, len, stored)| CrateInfo {
+                rel: rel.clone(),
+                len: *len,
+                last_use: newest(scan.records.get(rel)).map_or(*stored, |t| t.max(*stored)),
+            })
+            .collect())
+    }
+
+    /// The newest usage record of a crate.
+    async fn newest_record(&self, rel: &str) -> io::Result<Option<SystemTime>> {
+        let records: Vec<_> = self
+            .store
+            .list(Some(&self.records_dir(rel)?))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(to_io)?;
+        Ok(records
+            .iter()
+            .filter_map(|p| p.filename()?.parse::<u64>().ok())
+            .max()
+            .map(from_unix_ms))
+    }
+
+    pub async fn last_use(&self, rel: &str) -> io::Result<Option<SystemTime>> {
+        let key = self.key(rel)?;
+        let (head, record) = tokio::join!(self.store.head(&key), self.newest_record(rel));
+        let stored = match head {
+            Ok(meta) => object_time(meta.last_modified),
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(to_io(e)),
+        };
+        Ok(Some(record?.map_or(stored, |t| t.max(stored))))
+    }
+
+    /// Deletes a crate and its usage records (and this replica's local copy).
+    pub async fn remove(&self, rel: &str) -> io::Result<bool> {
+        if let Some(cache) = &self.local_cache {
+            cache.remove(rel);
+        }
+        match self.store.delete(&self.key(rel)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(to_io(e)),
+        }
+        let records: Vec<_> = self
+            .store
+            .list(Some(&self.records_dir(rel)?))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(to_io)?;
+        self.delete_all(records).await?;
+        self.written.lock().expect("lock poisoned").remove(rel);
+        Ok(true)
+    }
+
+    async fn delete_all(&self, keys: Vec<Path>) -> io::Result<usize> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let n = keys.len();
+        let mut results = self
+            .store
+            .delete_stream(futures_util::stream::iter(keys.into_iter().map(Ok)).boxed());
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(to_io(e)),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Deletes usage records a newer record of the same crate supersedes, and the records of
+    /// crates that are gone once they are older than `cutoff`. Returns how many went.
+    pub async fn prune_records(&self, cutoff: SystemTime) -> io::Result<usize> {
+        let scan = self.scan().await?;
+        let stored: std::collections::HashSet<&str> =
+            scan.crates.iter().map(|(rel, _, _)| rel.as_str()).collect();
+        let mut doomed = Vec::new();
+        for (rel, mut records) in scan.records {
+            records.sort_by_key(|(_, t)| *t);
+            let newest = records.last().map(|(_, t)| *t).unwrap_or(UNIX_EPOCH);
+            let keep = if stored.contains(rel.as_str()) || newest >= cutoff {
+                1
+            } else {
+                0
+            };
+            let n = records.len() - keep;
+            doomed.extend(records.into_iter().take(n).map(|(p, _)| p));
+        }
+        self.delete_all(doomed).await
+    }
+
+    /// Writes a usage record per crate, unless this process wrote one for it less than the
+    /// resolution ago.
+    pub async fn record_uses(&self, uses: Vec<(String, SystemTime)>) -> usize {
+        let todo: Vec<_> = {
+            let written = self.written.lock().expect("lock poisoned");
+            uses.into_iter()
+                .filter(|(rel, when)| {
+                    written
+                        .get(rel)
+                        .is_none_or(|prev| *when >= *prev + self.resolution)
+                })
+                .collect()
+        };
+        let results: Vec<_> = futures_util::stream::iter(todo)
+            .map(|(rel, when)| async move {
+                let key = self.key(&format!("{USAGE_DIR}/{rel}/{}", unix_ms(when)))?;
+                self.store
+                    .put(&key, PutPayload::new())
+                    .await
+                    .map_err(to_io)?;
+                Ok::<_, io::Error>((rel, when))
+            })
+            .buffer_unordered(RECORD_WRITES)
+            .collect()
+            .await;
+        let mut written = self.written.lock().expect("lock poisoned");
+        let mut n = 0;
+        for r in results {
+            match r {
+                Ok((rel, when)) => {
+                    n += 1;
+                    let prev = written.entry(rel).or_insert(when);
+                    *prev = (*prev).max(when);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot record a use in the bucket"),
+            }
+        }
+        n
+    }
+
+    pub fn use_slack(&self) -> Duration {
+        self.resolution + 2 * crate::usage::FLUSH_INTERVAL
+    }
+
+    /// The bucket answers (the lease key need not exist).
+    pub async fn check(&self) -> Result<(), String> {
+        match self.store.head(&self.lock_key()).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Takes the fleet-wide cleanup lease; `None` while another replica holds it.
+    pub async fn lease(
+        &self,
+        clock: Arc<dyn Clock>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Option<Lease>> {
+        self.lease_renewed_every(clock, stop, LEASE_RENEW).await
+    }
+
+    /// [`S3Crates::lease`] with another renewal period (tests).
+    pub async fn lease_renewed_every(
+        &self,
+        clock: Arc<dyn Clock>,
+        stop: &CancellationToken,
+        every: Duration,
+    ) -> anyhow::Result<Option<Lease>> {
+        Lease::acquire(self.store.clone(), self.lock_key(), clock, stop, every).await
+    }
+}
+
+#[derive(Default)]
+struct Scan {
+    /// (key relative to the prefix, size, upload time)
+    crates: Vec<(String, u64, SystemTime)>,
+    /// Usage records by crate key.
+    records: HashMap<String, Vec<(Path, SystemTime)>>,
+}
+
+fn newest(records: Option<&Vec<(Path, SystemTime)>>) -> Option<SystemTime> {
+    records?.iter().map(|(_, t)| *t).max()
+}
+
+/// The body of the lease object.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LeaseBody {
+    owner: String,
+    expires_unix_ms: u64,
+}
+
+struct LeaseState {
+    store: Arc<AmazonS3>,
+    key: Path,
+    owner: String,
+    clock: Arc<dyn Clock>,
+    /// Version of the lease object this holder last wrote, and when it expires.
+    held: Mutex<(UpdateVersion, SystemTime)>,
+}
+
+impl LeaseState {
+    fn payload(&self) -> (PutPayload, SystemTime) {
+        let expires = self.clock.now() + LEASE_TTL;
+        let body = LeaseBody {
+            owner: self.owner.clone(),
+            expires_unix_ms: unix_ms(expires),
+        };
+        let json = serde_json::to_vec(&body).expect("serializable");
+        (PutPayload::from(json), expires)
+    }
+}
+
+/// The fleet-wide cleanup lock: an object created only if absent (`If-None-Match: *`), whose
+/// body names the holder and an expiry time. The holder renews it (`If-Match` on the version
+/// it wrote) while its pass runs and deletes it at the end; a lease past its expiry (its
+/// holder died) is taken over with `If-Match` on the version read, so of two replicas taking
+/// over the same stale lease only one wins. As a second guard for stores whose conditional
+/// writes are not atomic, the winner reads the lease back and proceeds only if it names it.
+/// Replicas' clocks must agree to well within [`LEASE_TTL`].
+pub struct Lease {
+    state: Arc<LeaseState>,
+    /// Cancelled when the lease is lost (or the caller's token is): the pass stops.
+    stop: CancellationToken,
+    renewal: CancellationToken,
+}
+
+impl Lease {
+    async fn acquire(
+        store: Arc<AmazonS3>,
+        key: Path,
+        clock: Arc<dyn Clock>,
+        stop: &CancellationToken,
+        every: Duration,
+    ) -> anyhow::Result<Option<Lease>> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .unwrap_or_else(|| "unknown".into());
+        let owner = format!(
+            "{}/{}/{}-{}",
+            host.trim(),
+            std::process::id(),
+            unix_ms(SystemTime::now()),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let state = Arc::new(LeaseState {
+            store,
+            key,
+            owner,
+            clock,
+            held: Mutex::new((
+                UpdateVersion {
+                    e_tag: None,
+                    version: None,
+                },
+                UNIX_EPOCH,
+            )),
+        });
+        let mut won = None;
+        for _ in 0..2 {
+            let (payload, expires) = state.payload();
+            match state
+                .store
+                .put_opts(&state.key, payload, PutMode::Create.into())
+                .await
+            {
+                Ok(r) => {
+                    won = Some((UpdateVersion::from(r), expires));
+                    break;
+                }
+                Err(object_store::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e).context("taking the cleanup lease"),
+            }
+            let got = match state.store.get(&state.key).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => continue, // just released
+                Err(e) => return Err(e).context("reading the cleanup lease"),
+            };
+            let current = UpdateVersion {
+                e_tag: got.meta.e_tag.clone(),
+                version: got.meta.version.clone(),
+            };
+            let body = got.bytes().await.context("reading the cleanup lease")?;
+            if let Ok(held) = serde_json::from_slice::<LeaseBody>(&body)
+                && from_unix_ms(held.expires_unix_ms) > state.clock.now()
+            {
+                tracing::info!(holder = %held.owner, "the cleanup lease is held");
+                return Ok(None);
+            }
+            // Expired (its holder died) or unreadable: take it over, unless someone else
+            // does first.
+            let (payload, expires) = state.payload();
+            match state
+                .store
+                .put_opts(&state.key, payload, PutMode::Update(current).into())
+                .await
+            {
+                Ok(r) => {
+                    tracing::warn!("took over a stale cleanup lease");
+                    won = Some((UpdateVersion::from(r), expires));
+                    break;
+                }
+                Err(
+                    object_store::Error::Precondition { .. }
+                    | object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::NotFound { .. },
+                ) => return Ok(None),
+                Err(e) => return Err(e).context("taking over the cleanup lease"),
+            }
+        }
+        let Some(won) = won else {
+            return Ok(None);
+        };
+        // Read back: on a store that does not apply conditions atomically, the last of two
+        // concurrent writers is the one that holds it.
+        let got = state
+            .store
+            .get(&state.key)
+            .await
+            .context("reading the cleanup lease")?;
+        let body = got.bytes().await.context("reading the cleanup lease")?;
+        match serde_json::from_slice::<LeaseBody>(&body) {
+            Ok(b) if b.owner == state.owner => {}
+            _ => return Ok(None),
+        }
+        *state.held.lock().expect("lock poisoned") = won;
+        let lease = Lease {
+            state,
+            stop: stop.child_token(),
+            renewal: CancellationToken::new(),
+        };
+        tokio::spawn(renew(
+            lease.state.clone(),
+            lease.stop.clone(),
+            lease.renewal.clone(),
+            every,
+        ));
+        Ok(Some(lease))
+    }
+
+    /// Cancelled when the lease is lost: the pass must stop.
+    pub fn stop(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Ends the renewals and deletes the lease if it is still this holder's.
+    pub async fn release(self) {
+        self.renewal.cancel();
+        let ours = self
+            .state
+            .held
+            .lock()
+            .expect("lock poisoned")
+            .0
+            .e_tag
+            .clone();
+        match self.state.store.head(&self.state.key).await {
+            Ok(meta) if meta.e_tag == ours => {
+                if let Err(e) = self.state.store.delete(&self.state.key).await {
+                    tracing::warn!(error = %e, "cannot release the cleanup lease; it expires by itself");
+                }
+            }
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot release the cleanup lease; it expires by itself");
+            }
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renewal.cancel();
+    }
+}
+
+/// Renews the lease `every` so often until `renewal` is cancelled; cancels `stop` if the
+/// lease is lost (taken over, or not renewed before it expired).
+async fn renew(
+    state: Arc<LeaseState>,
+    stop: CancellationToken,
+    renewal: CancellationToken,
+    every: Duration,
+) {
+    loop {
+        tokio::select! {
+            _ = renewal.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let (version, expires) = state.held.lock().expect("lock poisoned").clone();
+        let (payload, new_expiry) = state.payload();
+        match state
+            .store
+            .put_opts(&state.key, payload, PutMode::Update(version).into())
+            .await
+        {
+            Ok(r) => {
+                *state.held.lock().expect("lock poisoned") = (UpdateVersion::from(r), new_expiry);
+            }
+            Err(
+                e @ (object_store::Error::Precondition { .. }
+                | object_store::Error::NotFound { .. }),
+            ) => {
+                tracing::error!(error = %e, "cleanup lease lost to another replica; stopping the pass");
+                stop.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the cleanup lease");
+                if state.clock.now() >= expires {
+                    tracing::error!("cleanup lease expired; stopping the pass");
+                    stop.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! A real S3-compatible server for tests: `s3s-fs` (installed by `scripts/test.sh` with
+//! `cargo install s3s-fs --features binary`), started on a free port over a temp directory;
+//! and a request-level round-robin HTTP balancer in front of several proxies.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use tokio::net::TcpListener;
+
+use cratere::config::{Config, S3Credentials, S3Endpoint, StorageKind};
+
+pub const ACCESS_KEY: &str = "cratere-test";
+pub const SECRET_KEY: &str = "cratere-test-secret";
+pub const REGION: &str = "us-east-1";
+
+/// The `s3s-fs` binary: `$S3S_FS`, else on PATH, else in `~/.cargo/bin`.
+fn s3s_fs_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("S3S_FS") {
+        return p.into();
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.join("s3s-fs"))
+        .find(|p| p.is_file());
+    if let Some(p) = on_path {
+        return p;
+    }
+    let home =
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo/bin/s3s-fs");
+    assert!(
+        home.is_file(),
+        "s3s-fs not found: run ./scripts/test.sh (it installs it), or \
+         `cargo install s3s-fs@0.14.1 --locked --features binary`"
+    );
+    home
+}
+
+/// A running s3s-fs with one bucket. Killed when dropped.
+pub struct S3Server {
+    pub endpoint: String,
+    pub bucket: String,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3Server {
+    pub async fn start() -> S3Server {
+        Self::start_with_bucket("crates").await
+    }
+
+    pub async fn start_with_bucket(bucket: &str) -> S3Server {
+        let dir = tempfile::tempdir().unwrap();
+        let bucket = bucket.to_string();
+        // s3s-fs keeps a bucket as a directory of its root.
+        std::fs::create_dir_all(dir.path().join(&bucket)).unwrap();
+        for _ in 0..5 {
+            let port = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().port()
+            };
+            let mut child = Command::new(s3s_fs_binary())
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting s3s-fs");
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            for _ in 0..400 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // lost the port to someone else: try another
+                }
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    return S3Server {
+                        endpoint: format!("http://{addr}"),
+                        bucket,
+                        dir,
+                        child,
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("s3s-fs did not start");
+    }
+
+    /// The variables that put a `cratere` process on this bucket.
+    pub fn envs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CRATERE_STORAGE", "s3".into()),
+            ("CRATERE_S3_BUCKET", self.bucket.clone()),
+            ("CRATERE_S3_ENDPOINT", self.endpoint.clone()),
+            ("CRATERE_S3_REGION", REGION.into()),
+            ("CRATERE_S3_PATH_STYLE", "true".into()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+        ]
+    }
+
+    /// Puts an in-process configuration on this bucket.
+    pub fn configure(&self, c: &mut Config) {
+        c.storage = StorageKind::S3;
+        c.s3_bucket = Some(self.bucket.clone());
+        c.s3_endpoint = S3Endpoint(Some(self.endpoint.clone()));
+        c.s3_region = REGION.into();
+        c.s3_path_style = true;
+        c.s3_credentials = Some(S3Credentials {
+            access_key_id: ACCESS_KEY.into(),
+            secret_access_key: SECRET_KEY.into(),
+        });
+    }
+
+    /// A client of the bucket, to look at it from the outside.
+    pub fn client(&self) -> Arc<dyn ObjectStore> {
+        Arc::new(
+            AmazonS3Builder::new()
+                .with_bucket_name(&self.bucket)
+                .with_endpoint(&self.endpoint)
+                .with_region(REGION)
+                .with_allow_http(true)
+                .with_access_key_id(ACCESS_KEY)
+                .with_secret_access_key(SECRET_KEY)
+                .with_virtual_hosted_style_request(false)
+                .build()
+                .unwrap(),
+        )
+    }
+
+    /// Every key in the bucket, sorted.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .client()
+            .list(None)
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
+
+    /// The crate objects (no usage records, no lease).
+    pub async fn crate_keys(&self) -> Vec<String> {
+        self.keys()
+            .await
+            .into_iter()
+            .filter(|k| !k.split('/').any(|s| s.starts_with('.')))
+            .collect()
+    }
+
+    pub async fn get(&self, key: &str) -> Option<bytes::Bytes> {
+        match self.client().get(&Path::parse(key).unwrap()).await {
+            Ok(r) => Some(r.bytes().await.unwrap()),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Sends each request to the next backend in turn (a load balancer in front of replicas).
+pub struct RoundRobin {
+    pub url: String,
+    pub addr: SocketAddr,
+    /// Requests sent to each backend.
+    pub counts: Arc<Vec<AtomicUsize>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RoundRobin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Rr {
+    backends: Vec<String>,
+    next: AtomicUsize,
+    counts: Arc<Vec<AtomicUsize>>,
+    client: reqwest::Client,
+}
+
+impl RoundRobin {
+    /// Serves on `listener` (bound first, so that the replicas can be told its port).
+    pub fn start(listener: TcpListener, backends: Vec<String>) -> RoundRobin {
+        let addr = listener.local_addr().unwrap();
+        let counts = Arc::new(
+            (0..backends.len())
+                .map(|_| AtomicUsize::new(0))
+                .collect::<Vec<_>>(),
+        );
+        let rr = Arc::new(Rr {
+            backends,
+            next: AtomicUsize::new(0),
+            counts: counts.clone(),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+        });
+        let app = axum::Router::new().fallback(forward).with_state(rr);
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        RoundRobin {
+            url: format!("http://{addr}"),
+            addr,
+            counts,
+            task,
+        }
+    }
+
+    pub fn count(&self, i: usize) -> usize {
+        self.counts[i].load(Ordering::SeqCst)
+    }
+}
+
+async fn forward(State(rr): State<Arc<Rr>>, req: Request) -> Response {
+    let i = rr.next.fetch_add(1, Ordering::SeqCst) % rr.backends.len();
+    rr.counts[i].fetch_add(1, Ordering::SeqCst);
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let mut out = rr.client.request(
+        req.method().clone(),
+        format!("http://{}{path}", rr.backends[i]),
+    );
+    for (k, v) in req.headers() {
+        if !matches!(
+            k.as_str(),
+            "host" | "connection" | "upgrade" | "http2-settings" | "content-length"
+        ) {
+            out = out.header(k, v);
+        }
+    }
+    let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let resp = match out.body(body).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            return Response::builder()
+                .status(502)
+                .body(Body::from(e.to_string()))
+                .unwrap();
+        }
+    };
+    let mut b = Response::builder().status(resp.status());
+    for (k, v) in resp.headers() {
+        if !matches!(k.as_str(), "connection" | "transfer-encoding") {
+            b = b.header(k, v);
+        }
+    }
+    b.body(Body::from_stream(
+        resp.bytes_stream()
+            .map(|r| r.map_err(std::io::Error::other)),
+    ))
+    .unwrap()
+}
