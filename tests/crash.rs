@@ -563,6 +563,13 @@ async fn kill_9_during_a_git_sync_leaves_the_mirror_serving() {
         .await;
         let served = check_clone(&server, &upstream, &work.join(format!("clone-{n}"))).await;
         assert_eq!(served, probe, "round {n}: the new commit is served");
+        if !any_alive(&groups) {
+            assert!(
+                temp_packs(&mirror).is_empty(),
+                "round {n}: leftover temporary packs are removed: {:?}",
+                temp_packs(&mirror)
+            );
+        }
         if squashed {
             assert!(
                 logged_sync(&server, &["pruned=true"]),

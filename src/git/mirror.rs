@@ -473,4 +473,24 @@ fn remove_stale_lock_files(repo: &std::path::Path) {
     }
     walk(repo, false);
     walk(&repo.join("refs"), true);
+    // Temporary packs and quarantine directories of a git process killed mid-write (a killed
+    // first fetch of crates.io leaves gigabytes). No git process of ours runs on the
+    // repository while the sync lock is held, so none of them is in use.
+    if let Ok(entries) = std::fs::read_dir(repo.join("objects/pack")) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("tmp_") || name.starts_with(".tmp-") {
+                tracing::warn!(path = %e.path().display(), "removing a leftover temporary pack");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(repo.join("objects")) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("incoming-") {
+                tracing::warn!(path = %e.path().display(), "removing a leftover quarantine directory");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
