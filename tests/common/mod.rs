@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cargo;
+pub mod git;
 pub mod s3;
 
 use std::collections::HashMap;
