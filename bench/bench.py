@@ -138,7 +138,9 @@ def wrk(base, paths, conns):
 
 def timed(cmd, **kw):
     t = time.time()
-    subprocess.run(cmd, check=True, capture_output=True, **kw)
+    r = subprocess.run(cmd, capture_output=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stderr.decode(errors='replace')[-3000:]}")
     return time.time() - t
 
 

@@ -32,6 +32,7 @@ pub mod config;
 pub mod downloads;
 pub mod error;
 pub mod git;
+pub mod h2c;
 pub mod index_cache;
 pub mod jobs;
 pub mod metrics;

@@ -1,7 +1,8 @@
 //! The HTTP server loop: accepts connections on a pre-bound listener and serves them with
 //! hyper (HTTP/1.1, and HTTP/2 with prior knowledge), with limits on header size and count and
 //! a timeout on reading request headers, so slow or hostile clients cannot hold resources;
-//! stops accepting on shutdown and drains connections for at most the grace period.
+//! stops accepting on shutdown and drains connections for at most the grace period. Plain HTTP
+//! connections also switch to HTTP/2 on `Upgrade: h2c` (see [`crate::h2c`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,8 +14,8 @@ use tokio_rustls::TlsAcceptor;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::{TowerToHyperService, TowerToHyperServiceFuture};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -104,9 +105,17 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
         match &tls {
             None => {
+                let service = PlainService {
+                    inner: TowerToHyperService::new(app.clone()),
+                    upgrade: Arc::new(UpgradeCtx {
+                        app: app.clone(),
+                        builder: builder.clone(),
+                        watcher: std::sync::Mutex::new(Some(graceful.watcher())),
+                        preface_timeout: limits.header_read_timeout,
+                    }),
+                };
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
@@ -118,6 +127,7 @@ pub async fn serve(
                 });
             }
             Some(acceptor) => {
+                let service = TowerToHyperService::new(app.clone());
                 let (acceptor, builder) = (acceptor.clone(), builder.clone());
                 let handshake_timeout = limits.header_read_timeout;
                 let watcher = graceful.watcher();
@@ -148,5 +158,80 @@ pub async fn serve(
         _ = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "shutdown grace elapsed; closing the remaining connections");
         }
+    }
+}
+
+/// What a plain HTTP connection needs to switch to HTTP/2 on `Upgrade: h2c`.
+struct UpgradeCtx {
+    app: Router,
+    builder: auto::Builder<TokioExecutor>,
+    /// Taken by the one upgrade a connection can have, so that the HTTP/2 connection it becomes
+    /// is drained on shutdown like any other.
+    watcher: std::sync::Mutex<Option<Watcher>>,
+    preface_timeout: Duration,
+}
+
+/// The service of a plain HTTP connection: the router, plus the h2c upgrade.
+#[derive(Clone)]
+struct PlainService {
+    inner: TowerToHyperService<Router>,
+    upgrade: Arc<UpgradeCtx>,
+}
+
+type PlainFuture = futures_util::future::Either<
+    std::future::Ready<Result<axum::response::Response, std::convert::Infallible>>,
+    TowerToHyperServiceFuture<Router, hyper::Request<hyper::body::Incoming>>,
+>;
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for PlainService {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = PlainFuture;
+
+    fn call(&self, mut req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        use futures_util::future::Either;
+        if crate::h2c::wants_upgrade(&req)
+            && let Some(watcher) = self.upgrade.watcher.lock().ok().and_then(|mut w| w.take())
+        {
+            let stream_one = crate::h2c::stream_one_frames(req.method(), req.uri(), req.headers());
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            let ctx = self.upgrade.clone();
+            tokio::spawn(async move {
+                let upgraded = match on_upgrade.await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "h2c upgrade did not happen");
+                        return;
+                    }
+                };
+                let mut io = TokioIo::new(upgraded);
+                let prefix = match tokio::time::timeout(
+                    ctx.preface_timeout,
+                    crate::h2c::splice_preface(&mut io, &stream_one),
+                )
+                .await
+                {
+                    Ok(Ok(prefix)) => prefix,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "h2c upgrade failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("h2c upgrade: no HTTP/2 preface in time");
+                        return;
+                    }
+                };
+                let io = TokioIo::new(crate::h2c::Prefixed::new(prefix, io));
+                let conn = ctx
+                    .builder
+                    .serve_connection(io, TowerToHyperService::new(ctx.app.clone()))
+                    .into_owned();
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(error = %e, "h2c connection ended with an error");
+                }
+            });
+            return Either::Left(std::future::ready(Ok(crate::h2c::switching_protocols())));
+        }
+        Either::Right(self.inner.call(req))
     }
 }

@@ -125,3 +125,133 @@ async fn plain_http_serves_http2_with_prior_knowledge() {
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.bytes().await.unwrap().len(), 1000);
 }
+
+/// `Upgrade: h2c` (what curl, and so cargo, sends on plain http): the proxy answers 101, serves
+/// the upgraded request on stream 1 and later requests multiplexed on the same connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_upgrades_to_h2c_for_curl() {
+    let up = FakeUpstream::start().await;
+    let body = up.publish("h2c", "1.0.0", 70_000);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let (url, out) = (proxy.url.clone(), out_dir.clone());
+    let curl = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sS", "-v", "--http2", "-H", "X-Trace: one"])
+            .arg(format!("{url}/index/config.json"))
+            .arg("-o")
+            .arg(out.join("config.json"))
+            .arg(format!("{url}/api/v1/crates/h2c/1.0.0/download"))
+            .arg("-o")
+            .arg(out.join("h2c.crate"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let log = String::from_utf8_lossy(&curl.stderr);
+    assert!(curl.status.success(), "{log}");
+    assert!(log.contains("< HTTP/1.1 101"), "{log}");
+    assert_eq!(log.matches("< HTTP/2 200").count(), 2, "{log}");
+    assert!(log.contains("Re-using existing connection"), "{log}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dl"], format!("{}/api/v1/crates", proxy.url));
+    assert_eq!(std::fs::read(out_dir.join("h2c.crate")).unwrap(), body);
+    let text = proxy.state.metrics.encode();
+    assert!(
+        text.contains("cratere_http_requests_by_version_total{version=\"HTTP/2.0\"} 2"),
+        "{text}"
+    );
+}
+
+/// An upgrade request with a body stays on HTTP/1.1, and a client that answers the 101 with
+/// garbage instead of the HTTP/2 preface only loses its own connection.
+#[tokio::test]
+async fn h2c_upgrade_edge_cases() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let upgrade = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+                   HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n";
+
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        format!("POST /health HTTP/1.1\r\nHost: x\r\n{upgrade}Content-Length: 2\r\n\r\nhi")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        head.starts_with("HTTP/1.1 ") && !head.starts_with("HTTP/1.1 101"),
+        "{head}"
+    );
+
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(format!("GET /health HTTP/1.1\r\nHost: x\r\n{upgrade}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nmore bytes to fill a preface")
+        .await
+        .unwrap();
+    // The proxy closes the connection instead of serving the request.
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+
+    // The server is fine.
+    let r = common::client()
+        .get(format!("{}/health", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cargo_fetches_over_plain_http_with_h2c() {
+    let work = tempfile::tempdir().unwrap();
+    let crates = package_crates(&work.path().join("src-crates"));
+    let up = FakeUpstream::start().await;
+    publish_packaged(&up, &crates);
+    let proxy = Proxy::start(&up, &work.path().join("data")).await;
+    let project = work.path().join("app");
+    write_app_project(&project);
+    let home = work.path().join("home");
+    write(
+        &home.join("config.toml"),
+        &format!(
+            "[source.crates-io]\nreplace-with = \"cratere\"\n[source.cratere]\n\
+             registry = \"sparse+{}/index/\"\n[net]\nretry = 0\n",
+            proxy.url
+        ),
+    );
+    let out = tokio::task::spawn_blocking(move || cargo(&project, &home, &["fetch"]))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = &proxy.state.metrics;
+    use cratere::metrics::{Kind, Outcome};
+    assert_eq!(m.cache_count(Kind::Crate, Outcome::Miss), 3);
+    let text = m.encode();
+    assert!(
+        text.contains("cratere_http_requests_by_version_total{version=\"HTTP/2.0\"}"),
+        "cargo spoke HTTP/2 after the upgrade:\n{text}"
+    );
+    assert!(
+        !text.contains("version=\"HTTP/1.1\""),
+        "and only HTTP/2:\n{text}"
+    );
+}
