@@ -219,6 +219,75 @@ async fn sigterm_lets_a_slow_download_finish_then_exits_zero() {
     assert!(dl["duration_ms"].as_f64().unwrap() > 0.0);
 }
 
+/// The same drain for a connection that switched to HTTP/2 by `Upgrade: h2c` (curl's and
+/// cargo's way on plain http): the upgraded connection is drained like any other.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_an_h2c_upgraded_download() {
+    let up = common::FakeUpstream::start().await;
+    let bytes = up.publish("slowh2", "1.0.0", 20_000);
+    up.set_fault(
+        common::Target::Crate,
+        common::Fault::Trickle {
+            piece: 1_000,
+            pause: std::time::Duration::from_millis(50),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::spawn_server(&[
+        ("CRATERE_UPSTREAM_SPARSE", up.url.clone()),
+        ("CRATERE_CACHE", dir.path().join("c").display().to_string()),
+        ("CRATERE_INDEX", dir.path().join("i").display().to_string()),
+        ("CRATERE_SHUTDOWN_GRACE", "20s".into()),
+    ]);
+    let out = dir.path().join("slowh2.crate");
+    let curl = Command::new("curl")
+        .args(["-sS", "-v", "--http2", "--no-buffer", "-o"])
+        .arg(&out)
+        .arg(format!(
+            "http://{}/api/v1/crates/slowh2/1.0.0/download",
+            server.addr
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first bytes to reach the client: the download is under way.
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no bytes"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (curl, status) = tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        let curl = curl.wait_with_output().unwrap();
+        (curl, server.child.wait().unwrap())
+    })
+    .await
+    .unwrap();
+    let log = String::from_utf8_lossy(&curl.stderr);
+    assert!(curl.status.success(), "{log}");
+    assert!(
+        log.contains("< HTTP/2 200"),
+        "the download went over h2c: {log}"
+    );
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        bytes,
+        "complete after SIGTERM"
+    );
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn sigterm_during_a_git_sync_that_hangs_upstream_exits_promptly() {
     // An upstream that accepts connections and never answers.
