@@ -40,13 +40,12 @@ pub struct StoredCrate {
 enum StoredBody {
     File(tokio::fs::File),
     /// The first chunk, read together with the open (one blocking hop for most crates), and
-    /// the file positioned after it when there is more.
-    Head(Bytes, Option<std::fs::File>),
+    /// the file with its length when there is more (read by [`super::file_body`]).
+    Head(Bytes, Option<(std::fs::File, u64)>),
     Stream(BoxStream<'static, io::Result<Bytes>>),
 }
 
-/// Size of reads from a stored file.
-const READ_CHUNK: usize = 128 * 1024;
+use super::file_body::READ_CHUNK;
 
 impl StoredCrate {
     /// The bytes, read as they are consumed (never buffered whole).
@@ -58,13 +57,10 @@ impl StoredCrate {
             StoredBody::Head(head, None) => {
                 futures_util::stream::once(async move { Ok(head) }).boxed()
             }
-            StoredBody::Head(head, Some(rest)) => {
-                let rest = tokio_util::io::ReaderStream::with_capacity(
-                    tokio::fs::File::from_std(rest),
-                    READ_CHUNK,
-                );
+            StoredBody::Head(head, Some((file, len))) => {
+                let pos = head.len() as u64;
                 futures_util::stream::once(async move { Ok(head) })
-                    .chain(rest)
+                    .chain(super::file_body::stream_from(file, pos, len))
                     .boxed()
             }
             StoredBody::Stream(s) => s,
@@ -145,7 +141,7 @@ impl CrateStore {
                         let rest = (head.len() as u64) < len;
                         StoredCrate {
                             len,
-                            body: StoredBody::Head(head, rest.then_some(f)),
+                            body: StoredBody::Head(head, rest.then_some((f, len))),
                         }
                     }))
             }

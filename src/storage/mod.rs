@@ -13,6 +13,7 @@ use std::time::SystemTime;
 use tempfile::NamedTempFile;
 
 pub mod crates;
+pub mod file_body;
 pub mod local_cache;
 pub mod s3;
 
@@ -120,7 +121,7 @@ impl FsStore {
     }
 
     /// Opens `key` and reads its first `chunk` bytes in one blocking call: `None` when absent;
-    /// else the file (positioned after what was read), its length and the bytes read. A file
+    /// else the file, its length and the bytes read (maybe fewer than asked). A file
     /// that fits in one chunk is then served without further reads.
     pub async fn open_with_head(
         &self,
@@ -129,17 +130,16 @@ impl FsStore {
     ) -> io::Result<Option<(std::fs::File, u64, bytes::Bytes)>> {
         let path = self.path(key);
         tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let mut f = match std::fs::File::open(&path) {
+            let f = match std::fs::File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
             let len = f.metadata()?.len();
             let want = len.min(chunk as u64) as usize;
-            let mut head = vec![0u8; want];
-            f.read_exact(&mut head)?;
-            Ok(Some((f, len, bytes::Bytes::from(head))))
+            // May be short (then the caller reads the rest from where it ends).
+            let head = file_body::read_at_blocking(&f, 0, want)?;
+            Ok(Some((f, len, head)))
         })
         .await
         .map_err(io::Error::other)?
