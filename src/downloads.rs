@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use axum::routing::get;
@@ -38,10 +38,11 @@ pub fn router() -> Router<AppState> {
 async fn download(
     State(st): State<AppState>,
     Path((krate, version)): Path<(String, String)>,
+    plain: Option<Extension<crate::sendfile::Plain>>,
 ) -> Result<Response, AppError> {
     let name: CrateName = krate.parse()?;
     let version: Version = version.parse()?;
-    let d = st.downloads.get(&name, &version).await?;
+    let d = st.downloads.get(&name, &version, plain.is_some()).await?;
     let outcome = if d.hit { Outcome::Hit } else { Outcome::Miss };
     st.metrics.cache(Kind::Crate, outcome);
     let mut resp = Response::new(d.body);
@@ -198,16 +199,19 @@ impl Downloads {
         &self.upstream
     }
 
+    /// A crate for a client: from the cache (a hit), or streamed from upstream while it is
+    /// fetched. `zero_copy`: the client's connection can `sendfile` (see [`crate::sendfile`]).
     pub async fn get(
         self: &Arc<Self>,
         name: &CrateName,
         version: &Version,
+        zero_copy: bool,
     ) -> Result<Download, AppError> {
         let key = CrateKey::new(name, version);
         // Two rounds: if a fetch finds the file already cached (a race with another fetch
         // finishing), read it from the cache.
         for _ in 0..2 {
-            match self.store.open_read(&key.as_relative()).await {
+            match self.store.open_to_send(&key.as_relative(), zero_copy).await {
                 Ok(Some(stored)) => {
                     self.usage.record_crate(&key);
                     return Ok(Download {

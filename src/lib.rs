@@ -38,6 +38,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod names;
 pub mod search;
+pub mod sendfile;
 pub mod server;
 pub mod singleflight;
 pub mod sparse;

@@ -200,6 +200,11 @@ impl Metrics {
             "HTTP requests by route and status",
             requests.clone(),
         );
+        registry.register(
+            "sendfile_bytes",
+            "Body bytes sent with sendfile(2), straight from the page cache (process-wide)",
+            crate::sendfile::BYTES_SENT.clone(),
+        );
         let versions = Family::<VersionLabels, Counter>::default();
         registry.register(
             "http_requests_by_version",

@@ -116,8 +116,9 @@ pub async fn serve(
                         preface_timeout: limits.header_read_timeout,
                     }),
                 };
+                let io = TokioIo::new(crate::sendfile::SendfileStream::new(stream));
                 let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .serve_connection_with_upgrades(io, service)
                     .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
@@ -232,6 +233,8 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for PlainSer
             });
             return Either::Left(std::future::ready(Ok(crate::h2c::switching_protocols())));
         }
+        // Crate hits on this connection may be sent with sendfile.
+        req.extensions_mut().insert(crate::sendfile::Plain);
         Either::Right(self.inner.call(req))
     }
 }

@@ -45,6 +45,43 @@ async fn miss_streams_and_caches_then_hits_come_from_disk() {
     assert_eq!(temp_left, 0);
 }
 
+/// On plain HTTP a hit is sent with sendfile from the page cache, with the right bytes; a crate
+/// the proxy removes is fetched again, never sent from the mapping it kept of the old file.
+#[tokio::test]
+async fn plain_http_hits_use_sendfile_and_removed_crates_are_not_served_from_a_kept_mapping() {
+    let up = FakeUpstream::start().await;
+    let bytes = up.publish("zerocopy", "1.0.0", 300_000);
+    let small = up.publish("tiny", "1.0.0", 300);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    for (name, body) in [("zerocopy", &bytes), ("tiny", &small)] {
+        let r = proxy.get(&format!("{DL}/{name}/1.0.0/download")).await;
+        assert_eq!(r.headers()["x-cratere-cache"], "miss");
+        assert_eq!(&body_of(r).await.unwrap(), body);
+        for _ in 0..2 {
+            let before = cratere::sendfile::BYTES_SENT.get();
+            let r = proxy.get(&format!("{DL}/{name}/1.0.0/download")).await;
+            assert_eq!(r.headers()["x-cratere-cache"], "hit");
+            assert_eq!(&body_of(r).await.unwrap(), body);
+            // Other tests in this binary send too: at least this body went by sendfile.
+            let sent = cratere::sendfile::BYTES_SENT.get() - before;
+            assert!(
+                sent >= body.len() as u64,
+                "{name}: {sent} bytes by sendfile"
+            );
+        }
+    }
+    let text = proxy.state.metrics.encode();
+    assert!(text.contains("cratere_sendfile_bytes_total"), "{text}");
+
+    let rel = "ze/ro/zerocopy/zerocopy-1.0.0.crate";
+    assert!(proxy.state.downloads.store().remove(rel).await.unwrap());
+    let r = proxy.get(&format!("{DL}/zerocopy/1.0.0/download")).await;
+    assert_eq!(r.headers()["x-cratere-cache"], "miss");
+    assert_eq!(body_of(r).await.unwrap(), bytes);
+    assert_eq!(up.crate_hits("zerocopy", "1.0.0"), 2);
+}
+
 #[tokio::test]
 async fn concurrent_misses_share_one_fetch_and_get_bytes_before_it_ends() {
     let up = FakeUpstream::start().await;

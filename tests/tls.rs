@@ -110,7 +110,7 @@ async fn cargo_fetches_over_https_and_http2() {
 #[tokio::test]
 async fn plain_http_serves_http2_with_prior_knowledge() {
     let up = FakeUpstream::start().await;
-    up.publish("h2c", "1.0.0", 1000);
+    let body = up.publish("h2c", "1.0.0", 100_000);
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::start(&up, dir.path()).await;
     let client = reqwest::Client::builder()
@@ -123,7 +123,16 @@ async fn plain_http_serves_http2_with_prior_knowledge() {
         .await
         .unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
-    assert_eq!(r.bytes().await.unwrap().len(), 1000);
+    assert_eq!(r.bytes().await.unwrap(), body);
+    // A hit: on plain HTTP it is sent with sendfile, inside HTTP/2 DATA frames.
+    let r = client
+        .get(format!("{}/api/v1/crates/h2c/1.0.0/download", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.headers()["x-cratere-cache"], "hit");
+    assert_eq!(r.bytes().await.unwrap(), body);
 }
 
 /// `Upgrade: h2c` (what curl, and so cargo, sends on plain http): the proxy answers 101, serves

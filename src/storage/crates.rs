@@ -132,10 +132,27 @@ impl CrateStore {
 
     /// Opens a stored crate, `None` when absent.
     pub async fn open_read(&self, rel: &str) -> io::Result<Option<StoredCrate>> {
+        self.open_to_send(rel, false).await
+    }
+
+    /// Opens a stored crate to send to a client, `None` when absent. With `zero_copy` (the
+    /// client is on a [`crate::sendfile::SendfileStream`]), a file in the page cache comes as
+    /// one mapping that the connection sends with `sendfile`.
+    pub async fn open_to_send(
+        &self,
+        rel: &str,
+        zero_copy: bool,
+    ) -> io::Result<Option<StoredCrate>> {
         match self {
             CrateStore::Fs(fs) => {
+                if zero_copy && let Some(whole) = crate::sendfile::cached(&fs.path(rel)) {
+                    return Ok(Some(StoredCrate {
+                        len: whole.len() as u64,
+                        body: StoredBody::Head(whole, None),
+                    }));
+                }
                 Ok(fs
-                    .open_with_head(rel, READ_CHUNK)
+                    .open_with_head(rel, READ_CHUNK, zero_copy)
                     .await?
                     .map(|(f, len, head)| {
                         let rest = (head.len() as u64) < len;
@@ -169,7 +186,9 @@ impl CrateStore {
                 let (fs, rel) = (fs.clone(), rel.to_string());
                 tokio::task::spawn_blocking(move || {
                     tmp.as_file().sync_data()?;
-                    fs.persist(tmp, &rel)
+                    fs.persist(tmp, &rel)?;
+                    crate::sendfile::forget(&fs.path(&rel));
+                    Ok(())
                 })
                 .await
                 .map_err(io::Error::other)?
@@ -216,11 +235,15 @@ impl CrateStore {
     /// Removes a stored crate (and, in S3, its usage records). False when it was not there.
     pub async fn remove(&self, rel: &str) -> io::Result<bool> {
         match self {
-            CrateStore::Fs(fs) => match tokio::fs::remove_file(fs.path(rel)).await {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-                Err(e) => Err(e),
-            },
+            CrateStore::Fs(fs) => {
+                let path = fs.path(rel);
+                crate::sendfile::forget(&path);
+                match tokio::fs::remove_file(path).await {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
             CrateStore::S3(s3) => s3.remove(rel).await,
         }
     }

@@ -122,11 +122,13 @@ impl FsStore {
 
     /// Opens `key` and reads its first `chunk` bytes in one blocking call: `None` when absent;
     /// else the file, its length and the bytes read (maybe fewer than asked). A file
-    /// that fits in one chunk is then served without further reads.
+    /// that fits in one chunk is then served without further reads. With `map`, a file wholly
+    /// in the page cache comes back whole as a mapping for [`crate::sendfile`] instead.
     pub async fn open_with_head(
         &self,
         key: &str,
         chunk: usize,
+        map: bool,
     ) -> io::Result<Option<(std::fs::File, u64, bytes::Bytes)>> {
         let path = self.path(key);
         tokio::task::spawn_blocking(move || {
@@ -136,6 +138,10 @@ impl FsStore {
                 Err(e) => return Err(e),
             };
             let len = f.metadata()?.len();
+            if map && let Some(mapped) = crate::sendfile::map_if_resident(&f, len) {
+                crate::sendfile::remember(path, &mapped);
+                return Ok(Some((f, len, mapped.bytes())));
+            }
             let want = len.min(chunk as u64) as usize;
             // May be short (then the caller reads the rest from where it ends).
             let head = file_body::read_at_blocking(&f, 0, want)?;

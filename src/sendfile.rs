@@ -1,0 +1,388 @@
+//! Zero-copy crate hits on plain HTTP: the kernel sends a cached file's pages straight from the
+//! page cache with `sendfile(2)`, as nginx does, instead of copying them into the proxy and
+//! back into the socket.
+//!
+//! hyper writes response bodies from memory and has no way to pass a file through. So a hit is
+//! made of memory that *is* the file: a read-only `mmap` of it ([`map_if_resident`]), recorded
+//! in a registry of live mappings. The connection's I/O object ([`SendfileStream`]) looks at
+//! every buffer hyper asks it to write; a buffer inside a registered mapping is sent with
+//! `sendfile` from the same offset of the same file (the same bytes, from the same page cache)
+//! and its memory is never touched. Anything else is written normally. Should a mapped buffer
+//! ever be written the ordinary way (another I/O object, a copy made somewhere), the bytes are
+//! still right: they are the file's.
+//!
+//! A file is mapped only when it is wholly in the page cache (checked with `mincore(2)`), so
+//! `sendfile` on the async worker never waits for the disk. Cached files never change in place
+//! (they are written elsewhere and renamed; cleanup unlinks them, which leaves an open mapping
+//! intact), so a mapping cannot shrink under a reader.
+//!
+//! The mappings of recently sent files are kept ([`cached`], at most [`HOT_FILES`] for
+//! [`HOT_TTL`]), so a hot crate costs no open, map or unmap, and no trip to the blocking pool:
+//! only the `mincore` check and the `sendfile`. The proxy forgets a mapping when it removes or
+//! replaces the file; a file removed by another process (`cratere cleanup`) may still be sent
+//! from its old mapping, with its right bytes, for up to [`HOT_TTL`].
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Marks a request that came on a [`SendfileStream`]: a crate hit for it may be a mapping.
+#[derive(Debug, Clone, Copy)]
+pub struct Plain;
+
+/// Files smaller than this are read instead (an empty file cannot be mapped).
+pub const MIN_LEN: u64 = 1;
+/// How often a kept mapping is checked to be still wholly in the page cache.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Live mappings by start address: end address and the file.
+static REGIONS: Mutex<BTreeMap<usize, (usize, Arc<File>)>> = Mutex::new(BTreeMap::new());
+/// How many mappings are live, so that writes skip the lookup when there are none.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// Bytes sent with `sendfile` by this process (`cratere_sendfile_bytes_total`).
+pub static BYTES_SENT: LazyLock<prometheus_client::metrics::counter::Counter> =
+    LazyLock::new(Default::default);
+
+/// A registered mapping; unregistered before it is unmapped.
+struct Mapping {
+    map: memmap2::Mmap,
+}
+
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        let mut regions = REGIONS.lock().unwrap_or_else(|p| p.into_inner());
+        regions.remove(&(self.map.as_ptr() as usize));
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+        // `self.map` is unmapped after this, when the fields drop.
+    }
+}
+
+/// Most mappings kept for reuse (each holds a file descriptor and address space, no memory).
+pub const HOT_FILES: u64 = 1024;
+/// How long a kept mapping is reused.
+pub const HOT_TTL: Duration = Duration::from_secs(30);
+
+static HOT: LazyLock<moka::sync::Cache<PathBuf, Mapped>> = LazyLock::new(|| {
+    moka::sync::Cache::builder()
+        .max_capacity(HOT_FILES)
+        .time_to_live(HOT_TTL)
+        .build()
+});
+
+/// A whole file mapped for [`SendfileStream`].
+#[derive(Clone)]
+pub struct Mapped(Bytes, Arc<std::sync::atomic::AtomicU64>);
+
+/// Milliseconds since the first call, for cheap "checked recently" stamps.
+fn now_ms() -> u64 {
+    static START: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+    START.elapsed().as_millis() as u64 + 1
+}
+
+impl Mapped {
+    /// The file's bytes (the mapping itself, not a copy).
+    pub fn bytes(&self) -> Bytes {
+        self.0.clone()
+    }
+
+    /// Whether every page is in the page cache, checked at most every [`RECHECK`] (a page
+    /// evicted in between costs one `sendfile` a wait for the disk). Never waits for the disk.
+    fn recently_resident(&self) -> bool {
+        let now = now_ms();
+        let checked = self.1.load(Ordering::Relaxed);
+        if checked != 0 && now.saturating_sub(checked) < RECHECK.as_millis() as u64 {
+            return true;
+        }
+        let ok = self.resident();
+        self.1.store(if ok { now } else { 0 }, Ordering::Relaxed);
+        ok
+    }
+
+    /// Whether every page is in the page cache. Never waits for the disk.
+    fn resident(&self) -> bool {
+        let page = rustix::param::page_size();
+        let pages = self.0.len().div_ceil(page);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `self.0` is a whole live mapping (it is only built by `map_if_resident`):
+        // it starts at a page boundary and spans `len` bytes; `vec` has one byte per page of
+        // it, as mincore(2) requires.
+        let rc = unsafe {
+            libc::mincore(
+                self.0.as_ptr() as *mut libc::c_void,
+                self.0.len(),
+                vec.as_mut_ptr(),
+            )
+        };
+        rc == 0 && vec.iter().all(|b| b & 1 == 1)
+    }
+}
+
+/// The kept mapping of the file at `path`, if there is one and it is still wholly in the
+/// page cache. Never blocks.
+pub fn cached(path: &Path) -> Option<Bytes> {
+    let mapped = HOT.get(path)?;
+    if mapped.recently_resident() {
+        Some(mapped.bytes())
+    } else {
+        HOT.invalidate(path);
+        None
+    }
+}
+
+/// Keeps `mapped` as the mapping of `path` for [`cached`].
+pub fn remember(path: PathBuf, mapped: &Mapped) {
+    HOT.insert(path, mapped.clone());
+}
+
+/// Forgets the mapping of `path` (the file is being removed or replaced).
+pub fn forget(path: &Path) {
+    HOT.invalidate(path);
+}
+
+/// The whole of `file` (`len` bytes) as memory that [`SendfileStream`] sends with `sendfile`,
+/// if every page of it is in the page cache; `None` otherwise (or if it cannot be mapped).
+/// Blocking: call it on the blocking pool.
+pub fn map_if_resident(file: &File, len: u64) -> Option<Mapped> {
+    if len < MIN_LEN {
+        return None;
+    }
+    // SAFETY: cached files are immutable once renamed into place (see the module docs), so
+    // the mapping's contents cannot change or shrink while it lives.
+    let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(file) }.ok()?;
+    if map.len() as u64 != len {
+        return None;
+    }
+    let file = Arc::new(file.try_clone().ok()?);
+    let start = map.as_ptr() as usize;
+    REGIONS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(start, (start + map.len(), file));
+    LIVE.fetch_add(1, Ordering::Relaxed);
+    let mapped = Mapped(Bytes::from_owner(Mapping { map }), Default::default());
+    mapped.recently_resident().then_some(mapped)
+}
+
+/// The file and offset that the memory at `ptr` maps, if it lies in a live mapping.
+fn lookup(ptr: *const u8) -> Option<(Arc<File>, u64)> {
+    if LIVE.load(Ordering::Relaxed) == 0 {
+        return None;
+    }
+    let p = ptr as usize;
+    let regions = REGIONS.lock().unwrap_or_else(|p| p.into_inner());
+    let (&start, (end, file)) = regions.range(..=p).next_back()?;
+    (p < *end).then(|| (file.clone(), (p - start) as u64))
+}
+
+/// A plain TCP connection that sends registered file mappings with `sendfile`.
+pub struct SendfileStream {
+    inner: TcpStream,
+}
+
+impl SendfileStream {
+    pub fn new(inner: TcpStream) -> Self {
+        SendfileStream { inner }
+    }
+
+    /// Sends `len` bytes of `file` from `offset`.
+    fn poll_sendfile(
+        &self,
+        cx: &mut Context<'_>,
+        file: &File,
+        offset: u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.inner.poll_write_ready(cx))?;
+            let mut off = offset;
+            match self.inner.try_io(Interest::WRITABLE, || {
+                rustix::fs::sendfile(&self.inner, file, Some(&mut off), len)
+                    .map_err(io::Error::from)
+            }) {
+                Ok(0) if len > 0 => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "cached file is shorter than its mapping",
+                    )));
+                }
+                Ok(n) => {
+                    BYTES_SENT.inc_by(n as u64);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Writes `bufs` (none of them mapped) with `MSG_MORE`: a file's pages follow at once, so
+    /// the response head goes out in the same segment as the start of the body.
+    fn poll_send_more(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        use rustix::net::{SendAncillaryBuffer, SendFlags, sendmsg};
+        loop {
+            ready!(self.inner.poll_write_ready(cx))?;
+            match self.inner.try_io(Interest::WRITABLE, || {
+                sendmsg(
+                    &self.inner,
+                    bufs,
+                    &mut SendAncillaryBuffer::default(),
+                    SendFlags::MORE | SendFlags::NOSIGNAL,
+                )
+                .map_err(io::Error::from)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+}
+
+impl AsyncRead for SendfileStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SendfileStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let skip = bufs.iter().take_while(|b| b.is_empty()).count();
+        let bufs = &bufs[skip..];
+        let mapped = bufs
+            .iter()
+            .enumerate()
+            .find_map(|(i, b)| (!b.is_empty()).then(|| lookup(b.as_ptr()).map(|m| (i, m)))?);
+        match mapped {
+            None => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
+            Some((0, (file, offset))) => self.poll_sendfile(cx, &file, offset, bufs[0].len()),
+            Some((i, _)) => self.poll_send_more(cx, &bufs[..i]),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn file_of(data: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        f.write_all(data).unwrap();
+        f
+    }
+
+    #[test]
+    fn empty_files_are_not_mapped_and_mappings_unregister() {
+        let empty = file_of(&[]);
+        assert!(map_if_resident(empty.as_file(), 0).is_none());
+        let data = vec![9u8; 100_000];
+        let f = file_of(&data);
+        let bytes = map_if_resident(f.as_file(), data.len() as u64)
+            .expect("just written")
+            .bytes();
+        assert_eq!(&bytes[..], &data[..]);
+        let (_, offset) = lookup(bytes[500..].as_ptr()).expect("registered");
+        assert_eq!(offset, 500);
+        let ptr = bytes.as_ptr();
+        drop(bytes);
+        assert!(lookup(ptr).is_none());
+    }
+
+    /// Head, mapped body and a trailing buffer in one vectored write, with a reader slower than
+    /// the writer (so `sendfile` meets a full socket and must wait): the bytes arrive intact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mapped_buffers_are_sent_from_the_file() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let f = file_of(&data);
+        let body = map_if_resident(f.as_file(), data.len() as u64)
+            .unwrap()
+            .bytes();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reader = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break got;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        });
+        let (sock, _) = listener.accept().await.unwrap();
+        let mut out = SendfileStream::new(sock);
+        let (head, tail) = (b"HEAD".to_vec(), b"TAIL".to_vec());
+        let mut parts = [Bytes::from(head), body.clone(), Bytes::from(tail)];
+        // hyper's way: write what it can, advance past what was written, repeat.
+        loop {
+            let slices: Vec<IoSlice<'_>> = parts.iter().map(|b| IoSlice::new(b)).collect();
+            let mut n = out.write_vectored(&slices).await.unwrap();
+            assert!(n > 0);
+            for p in parts.iter_mut() {
+                let k = n.min(p.len());
+                let _ = p.split_to(k);
+                n -= k;
+            }
+            if parts.iter().all(|p| p.is_empty()) {
+                break;
+            }
+        }
+        out.shutdown().await.unwrap();
+        drop(out);
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), data.len() + 8);
+        assert_eq!(&got[..4], b"HEAD");
+        assert!(got[4..4 + data.len()] == data[..], "body bytes differ");
+        assert_eq!(&got[4 + data.len()..], b"TAIL");
+    }
+}
