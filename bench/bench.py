@@ -36,6 +36,11 @@ W = Path(tempfile.mkdtemp(prefix="cratere-bench-"))
 W.chmod(0o755)  # nginx workers read the cache through it
 PROCS = []
 REPORT = []
+# cargo unpacks ~770 MB of sources per `cargo fetch`; on a VM's disk that write time swings by
+# several times between runs and drowns what is measured here (the registry traffic). So
+# CARGO_HOMEs live in memory (tmpfs) when the machine has one, and go away after each run.
+SHM = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
+HOMES = Path(tempfile.mkdtemp(prefix="cratere-bench-homes-", dir=SHM)) if SHM else W / "homes"
 
 
 def out(line=""):
@@ -306,7 +311,9 @@ def bench_cargo():
     def home(registry=None, cainfo=None):
         nonlocal n
         n += 1
-        return cargo_home(W / f"home{n}", registry, cainfo)
+        for old in HOMES.glob("home*"):  # the previous run's, kept only until now
+            shutil.rmtree(old, ignore_errors=True)
+        return cargo_home(HOMES / f"home{n}", registry, cainfo)
 
     def fetch(h):
         return timed(["cargo", "fetch", "--locked"], cwd=proj, env=dict(os.environ, CARGO_HOME=str(h)))
@@ -427,6 +434,7 @@ finally:
             stop(p)
         except Exception:
             pass
+    shutil.rmtree(HOMES, ignore_errors=True)
     if not os.environ.get("KEEP"):
         shutil.rmtree(W, ignore_errors=True)
     (ROOT / "bench" / "last-report.md").write_text("\n".join(REPORT) + "\n")

@@ -336,6 +336,37 @@ mod tests {
         assert!(lookup(ptr).is_none());
     }
 
+    /// A file truncated in place under its mapping: sending stops with an error; nothing reads
+    /// the vanished pages (which would be SIGBUS).
+    #[tokio::test]
+    async fn a_file_truncated_under_its_mapping_is_an_error_not_a_crash() {
+        let f = file_of(&vec![5u8; 200_000]);
+        let body = map_if_resident(f.as_file(), 200_000).unwrap().bytes();
+        f.as_file().set_len(10_000).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reader = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got).await;
+            got.len()
+        });
+        let (sock, _) = listener.accept().await.unwrap();
+        let mut out = SendfileStream::new(sock);
+        let mut rest = body.clone();
+        let err = loop {
+            match out.write(&rest).await {
+                Ok(n) => {
+                    let _ = rest.split_to(n);
+                }
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        drop(out);
+        assert_eq!(reader.await.unwrap(), 10_000);
+    }
+
     /// Head, mapped body and a trailing buffer in one vectored write, with a reader slower than
     /// the writer (so `sendfile` meets a full socket and must wait): the bytes arrive intact.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
