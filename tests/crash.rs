@@ -381,8 +381,9 @@ fn git_leftovers(repo: &Path) -> Vec<String> {
 }
 
 /// How a round changes upstream, where it kills the server, and whether the server's git
-/// processes die with it (a container or cgroup kill, the OOM killer taking the group) or
-/// live on as orphans (`kill -9` of the server's pid alone).
+/// processes are killed with it (a container or cgroup kill, the OOM killer taking the group)
+/// or only the server's pid is (`kill -9`; its git processes then die by their parent-death
+/// signal).
 struct Round {
     change: Change,
     /// Steps to see first (in the same sync, before `then`).
@@ -458,6 +459,15 @@ async fn kill_9_during_a_git_sync_leaves_the_mirror_serving() {
             kill_git_too: true,
             mid_write: false,
         },
+        // After the fetch of a squashed upstream, before anything is published: the restarted
+        // server must still prune the old history.
+        Round {
+            change: Change::Squash,
+            first: &["fetch"],
+            then: AFTER_FETCH,
+            kill_git_too: false,
+            mid_write: false,
+        },
         // The repack and prune that follow a squash.
         Round {
             change: Change::Squash,
@@ -466,7 +476,7 @@ async fn kill_9_during_a_git_sync_leaves_the_mirror_serving() {
             kill_git_too: true,
             mid_write: false,
         },
-        // A big fetch whose git process outlives the server, into the restarted server's sync.
+        // A big fetch, only the server killed: its git must not outlive it.
         Round {
             change: Change::Crates(300),
             first: &[],
@@ -476,15 +486,17 @@ async fn kill_9_during_a_git_sync_leaves_the_mirror_serving() {
         },
     ];
     for (n, round) in rounds.iter().enumerate() {
+        // The upstream commit a squash makes unreachable.
         let squashed = match round.change {
             Change::Crates(count) => {
                 upstream.add_crates(&up, &format!("r{n}x"), count);
                 upstream.commit(&format!("Round {n}")).await;
-                false
+                None
             }
             Change::Squash => {
+                let old = git(&upstream.dir, &["rev-parse", "HEAD"]).await;
                 upstream.squash().await;
-                true
+                Some(old.trim().to_string())
             }
         };
         // Git processes already running saw upstream before the change.
@@ -503,23 +515,22 @@ async fn kill_9_during_a_git_sync_leaves_the_mirror_serving() {
             }
         }
         server.kill_hard();
-        if round.kill_git_too {
-            common::wait_until(
-                || !any_alive(&groups),
-                "the killed git processes to be gone",
-            )
-            .await;
-        }
+        // Killed with it, or (the server's pid alone) dying with it by their parent-death
+        // signal: no git outlives the server to race the next one's sync.
+        common::wait_until(
+            || !any_alive(&groups),
+            "the server's git processes to be gone",
+        )
+        .await;
         eprintln!(
-            "round {n} ({:.1} s): killed during git {step} (git killed too: {}; orphaned git \
-             still running: {}); left in the mirror: {:?}",
+            "round {n} ({:.1} s): killed during git {step} (git killed too: {}); left in the \
+             mirror: {:?}",
             t0.elapsed().as_secs_f64(),
             round.kill_git_too,
-            any_alive(&groups),
             git_leftovers(&mirror)
         );
 
-        // Restarted at once on the same directories (orphaned git processes may still run).
+        // Restarted at once on the same directories.
         server = common::spawn_server(&envs);
         wait_git_ready(&server).await;
         check_clone(&server, &upstream, &work.join(format!("clone-{n}"))).await;
@@ -535,17 +546,23 @@ async fn kill_9_during_a_git_sync_leaves_the_mirror_serving() {
         .await;
         let served = check_clone(&server, &upstream, &work.join(format!("clone-{n}"))).await;
         assert_eq!(served, probe, "round {n}: the new commit is served");
-        if !any_alive(&groups) {
+        assert!(
+            temp_packs(&mirror).is_empty(),
+            "round {n}: leftover temporary packs are removed: {:?}",
+            temp_packs(&mirror)
+        );
+        if let Some(old) = squashed {
+            // At most two syncs later (one more when the kill came after the fetch).
+            let s = &server;
+            common::wait_until(
+                || logged_sync(s, &["pruned=true"]),
+                &format!("round {n}: the interrupted prune is done after the restart"),
+            )
+            .await;
+            let gone = common::git::git_output(&mirror, &["cat-file", "-e", &old]).await;
             assert!(
-                temp_packs(&mirror).is_empty(),
-                "round {n}: leftover temporary packs are removed: {:?}",
-                temp_packs(&mirror)
-            );
-        }
-        if squashed {
-            assert!(
-                logged_sync(&server, &["pruned=true"]),
-                "round {n}: the interrupted prune is done after the restart"
+                !gone.status.success(),
+                "round {n}: the squashed-away upstream commit {old} is pruned from the mirror"
             );
         }
         git(&mirror, &["fsck", "--connectivity-only", "--no-progress"]).await;
@@ -728,4 +745,48 @@ fn kill_9_during_a_cleanup_leaves_whole_files_and_no_lock() {
         .collect();
     assert!(rest.is_empty(), "{} crate files remain", rest.len());
     server.kill_hard();
+}
+
+/// A git process blocked on an upstream that never answers would outlive a `kill -9` of the
+/// server (nothing else stops it). Its parent-death signal kills it with the server.
+#[tokio::test(flavor = "multi_thread")]
+async fn git_dies_with_a_killed_server() {
+    // An upstream that accepts connections and never answers.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::spawn_server(&[
+        (
+            "CRATERE_CACHE",
+            dir.path().join("crates").display().to_string(),
+        ),
+        (
+            "CRATERE_INDEX",
+            dir.path().join("index").display().to_string(),
+        ),
+        ("CRATERE_UPSTREAM_SPARSE", "http://127.0.0.1:9/".into()),
+        (
+            "CRATERE_UPSTREAM_GIT",
+            format!("http://{}/index.git", hang.local_addr().unwrap()),
+        ),
+        ("CRATERE_GIT_INDEX", "true".into()),
+    ]);
+    // The first sync starts at once; its `git fetch` connects and waits.
+    let (_conn, _) = tokio::task::spawn_blocking(move || hang.accept().unwrap())
+        .await
+        .unwrap();
+    let pid = server.child.id();
+    let fetch: Vec<u32> = git_children(pid)
+        .iter()
+        .filter(|c| c.step == "fetch" && !c.zombie)
+        .map(|c| c.pid)
+        .collect();
+    assert_eq!(fetch.len(), 1, "one git fetch under the server");
+    server.kill_hard();
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            let close = stat.rfind(')').unwrap();
+            !stat[close + 2..].starts_with('Z')
+        })
+    };
+    common::wait_until(|| !alive(fetch[0]), "git fetch to die with the server").await;
 }

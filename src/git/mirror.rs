@@ -19,6 +19,12 @@
 //!    `git repack -a -d` (drops every unreachable object from the packs) and
 //!    `git prune --expire=now` (loose ones). Otherwise `git gc --auto`, after one
 //!    `git repack -a -d` if no pack has a reachability bitmap yet (the first fetch).
+//!
+//! A rewrite is detected against the upstream commit the hosts *serve* (their master's
+//! parent), not against the last fetched head, and it is recorded (`cratere-prune-next`)
+//! before anything is published. So a sync killed anywhere after its fetch still leads to
+//! the prune: the next sync either sees the rewrite again (nothing was published) or finds
+//! the record and leaves the marker itself.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -35,6 +41,9 @@ pub const UPSTREAM_REF: &str = "refs/cratere/upstream";
 
 /// Present (in the repository) when upstream rewrote its history and the next sync must prune.
 const PRUNE_MARKER: &str = "cratere-prune-pending";
+/// Present while a sync that saw a rewrite has not yet left [`PRUNE_MARKER`]: written before
+/// publishing, so a sync killed in between still leads to the prune.
+const PRUNE_NEXT: &str = "cratere-prune-next";
 
 /// Configuration of every sync-side git command (see [`config_env`]).
 const SYNC_CONFIG: &[(&str, &str)] = &[
@@ -117,8 +126,18 @@ impl GitIndex {
             self.status.send_modify(|s| s.ready = true);
         }
         let prune_pending = tokio::fs::try_exists(self.repo.join(PRUNE_MARKER)).await?;
+        let rewrite_recorded = tokio::fs::try_exists(self.repo.join(PRUNE_NEXT)).await?;
 
-        let old_head = self.rev_parse(UPSTREAM_REF).await?;
+        // The upstream commit served now (under the hosts' config.json commits); before
+        // anything was published, the last one fetched.
+        let served = match self.hosts.first() {
+            Some(h) => self.rev_parse(&format!("{}^", h.master_ref())).await?,
+            None => None,
+        };
+        let old_head = match served {
+            Some(s) => Some(s),
+            None => self.rev_parse(UPSTREAM_REF).await?,
+        };
         self.git(
             [
                 "fetch",
@@ -143,6 +162,7 @@ impl GitIndex {
         };
         if history_rewritten {
             tracing::info!(old = ?old_head, new = %head, "upstream rewrote its history");
+            tokio::fs::write(self.repo.join(PRUNE_NEXT), format!("{old_head:?}\n")).await?;
         }
 
         let mut commits = Vec::with_capacity(self.hosts.len());
@@ -166,8 +186,9 @@ impl GitIndex {
             self.git(["gc", "--auto", "--quiet"], None).await?;
             false
         };
-        if history_rewritten {
+        if history_rewritten || rewrite_recorded {
             tokio::fs::write(self.repo.join(PRUNE_MARKER), format!("{old_head:?}\n")).await?;
+            tokio::fs::remove_file(self.repo.join(PRUNE_NEXT)).await?;
         }
         Ok(SyncReport {
             upstream_head: head,
@@ -368,6 +389,9 @@ impl GitIndex {
             }
         }
         if !tx.is_empty() {
+            // An explicit transaction: input cut short (this process killed while writing it)
+            // aborts it, where plain `--stdin` would commit the updates read so far.
+            let tx = format!("start\n{tx}prepare\ncommit\n");
             self.git(["update-ref", "--no-deref", "--stdin"], Some(tx.as_bytes()))
                 .await
                 .context("publishing the hosts' refs")?;

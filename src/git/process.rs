@@ -1,6 +1,9 @@
 //! git child processes: each in its own process group, killed with the whole group when
 //! dropped before it exited (a cancelled sync, a client that hung up), so neither `git fetch`'s
-//! helpers nor `git http-backend`'s `upload-pack`/`pack-objects` outlive their request.
+//! helpers nor `git http-backend`'s `upload-pack`/`pack-objects` outlive their request. On
+//! Linux each git also gets SIGKILL if the proxy itself dies (`PR_SET_PDEATHSIG`), so a
+//! `kill -9` of the proxy leaves no orphaned git (a `git prune` of a dead sync racing the next
+//! one); its helpers then see their pipes close and exit.
 
 use std::ffi::OsStr;
 use std::io;
@@ -22,8 +25,29 @@ pub struct GitChild {
 
 impl GitChild {
     /// Spawns `cmd` as the leader of a new process group.
+    ///
+    /// Must be called from a thread that lives as long as the child should (a runtime worker,
+    /// not a blocking-pool thread): the parent-death signal follows the forking thread.
     pub fn spawn(cmd: &mut Command) -> io::Result<GitChild> {
         cmd.process_group(0).kill_on_drop(true);
+        #[cfg(target_os = "linux")]
+        {
+            let parent = std::process::id() as libc::pid_t;
+            // SAFETY: the closure runs in the forked child before exec and only makes
+            // async-signal-safe calls (prctl, getppid); it allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // The proxy died between the fork and the prctl: no signal will come.
+                    if libc::getppid() != parent {
+                        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn()?;
         let pid = child.id();
         Ok(GitChild { child, pid })
