@@ -44,8 +44,9 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Opens the stores (creating directories, clearing abandoned temp files, adopting files
-    /// that have no usage record yet) and builds the upstream client.
+    /// Opens the stores (creating directories, clearing abandoned temp files) and builds the
+    /// upstream client. Files without a usage record yet are adopted by [`run`], in the
+    /// background (or by the first cleanup, whichever comes first).
     pub fn new(config: Config) -> anyhow::Result<AppState> {
         AppState::with_clock(config, Arc::new(SystemClock))
     }
@@ -57,9 +58,6 @@ impl AppState {
         let index_store = FsStore::open(&sparse_dir)
             .with_context(|| format!("CRATERE_INDEX={}", config.index.display()))?;
         let usage = Arc::new(Usage::new(crates.clone(), index_store.root(), clock));
-        usage
-            .adopt_untracked()
-            .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
         let cleanup = Arc::new(Cleanup::new(
             crates.clone(),
             index_store.root(),
@@ -276,16 +274,42 @@ fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken
         "cache-size",
         "*/10 * * * *".parse().expect("valid schedule"),
         FirstRun::Immediately,
-        move || {
-            let st = st.clone();
-            async move {
-                let crates = st.downloads.store().list().await?;
-                let bytes = crates.iter().map(|c| c.len).sum();
-                st.metrics.set_cache_size(crates.len() as u64, bytes);
-                Ok(())
+        {
+            let stop = shutdown.clone();
+            move || {
+                let (st, stop) = (st.clone(), stop.clone());
+                async move {
+                    // Shutdown does not wait for a walk of a big cache.
+                    let crates = tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        listed = st.downloads.store().list() => listed?,
+                    };
+                    let bytes = crates.iter().map(|c| c.len).sum();
+                    st.metrics.set_cache_size(crates.len() as u64, bytes);
+                    Ok(())
+                }
             }
         },
     );
+
+    // A cache from before usage tracking (or from another tool): every crate file counts as
+    // used now. In the background, so startup does not grow with the cache; a cleanup that
+    // comes first adopts it itself.
+    let (usage, stop) = (state.usage.clone(), shutdown.clone());
+    jobs.spawn(async move {
+        if usage.is_tracked() {
+            return;
+        }
+        let adopt = tokio::task::spawn_blocking(move || usage.adopt_untracked());
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            res = adopt => match res {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot record uses of the cached crates"),
+                Err(e) => tracing::warn!(error = %e, "adopting the cache failed"),
+            },
+        }
+    });
 
     crate::usage::spawn_flusher(state.usage.clone(), jobs, shutdown.clone());
     if let Some(schedule) = state.config.cleanup_cache_schedule.0.clone() {

@@ -181,6 +181,14 @@ impl Cleanup {
                 }
             }
         }
+        // A cache from before usage tracking that the server is still adopting in the
+        // background: adopt it first, so no file's old mtime is taken for its last use.
+        if !dry_run && !self.usage.is_tracked() {
+            let usage = self.usage.clone();
+            tokio::task::spawn_blocking(move || usage.adopt_untracked())
+                .await
+                .map_err(|e| anyhow::anyhow!("adopting the cache: {e}"))??;
+        }
         // The bucket's lease. Held by another replica, that replica cleans the crates; this
         // one still cleans its own index cache.
         let lease = match &self.crates {

@@ -22,9 +22,10 @@
 //! interval, never a cached file: the file itself is untouched.
 //!
 //! Files that were on disk before usage was tracked (a cache from an older version) have an
-//! mtime that only says when they were downloaded. The first process to open such a cache
-//! ([`Usage::adopt_untracked`]) sets every crate file's mtime to now and then writes a marker
-//! file, so they count as used at that start. An index file without a marker counts as used
+//! mtime that only says when they were downloaded. [`Usage::adopt_untracked`] sets every crate
+//! file's mtime to now and then writes a marker file, so they count as used at that start: the
+//! server runs it in the background right after starting, and a cleanup runs it first if it
+//! has not finished. An index file without a marker counts as used
 //! when a cleanup first sees it.
 
 use std::collections::HashMap;

@@ -318,6 +318,12 @@ async fn untracked_files_count_as_used_at_startup() {
         set_mtime(f, old);
     }
     let proxy = start(&up, dir.path(), &clock, None).await;
+    // Adopted in the background right after startup (startup itself does not walk the cache).
+    wait_until(
+        || proxy.state.usage.is_tracked(),
+        "the adoption of the cache",
+    )
+    .await;
     clock.advance(days(89.0));
     assert!(cleanup(&proxy).await.removed.is_empty());
     assert!(crate_file.exists() && index_file.exists());
@@ -331,6 +337,35 @@ async fn untracked_files_count_as_used_at_startup() {
     assert!(!crate_file.exists());
     // The index file's record was made by the first cleanup (day 89): 2 days old.
     assert!(index_file.exists());
+}
+
+/// A cleanup that runs before the background adoption of an untracked cache has finished
+/// adopts the cache itself first: an old mtime is never taken for a last use.
+#[tokio::test]
+async fn a_cleanup_before_the_adoption_adopts_first() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::new());
+    let crate_file = dir.path().join("crates").join(crate_rel("legacy", "0.1.0"));
+    std::fs::create_dir_all(crate_file.parent().unwrap()).unwrap();
+    std::fs::write(&crate_file, b"old").unwrap();
+    set_mtime(&crate_file, clock.now() - days(400.0));
+    // The state alone, no server: nothing has adopted the cache.
+    let state =
+        cratere::app::AppState::with_clock(config(&up.url, dir.path(), 90.0, None), clock.clone())
+            .unwrap();
+    assert!(!state.usage.is_tracked());
+    let Outcome::Done(pass) = state
+        .cleanup
+        .run_once(false, &CancellationToken::new())
+        .await
+        .unwrap()
+    else {
+        panic!("cleanup did not run");
+    };
+    assert_eq!(pass.report.crate_files_removed, 0);
+    assert!(crate_file.exists());
+    assert!(state.usage.is_tracked());
 }
 
 #[tokio::test]
