@@ -230,9 +230,16 @@ impl Downloads {
             }
             let flight = self.join_or_start(&key, name)?;
             let mut rx = flight.state.subscribe();
-            let state = rx
-                .wait_for(|s| !matches!(s, Progress::Starting))
-                .await
+            // A miss may need the index file and then the crate from a stalling upstream, each
+            // allowed the idle timeout: the client gets its answer within one idle timeout
+            // (below cargo's 30 s), while the fetch goes on and caches the crate if it can.
+            let started = tokio::time::timeout(
+                self.upstream.idle_timeout(),
+                rx.wait_for(|s| !matches!(s, Progress::Starting)),
+            )
+            .await
+            .map_err(|_| AppError::Upstream(UpstreamError::Timeout))?;
+            let state = started
                 .map_err(|_| AppError::Internal(anyhow::anyhow!("download task vanished")))?
                 .clone();
             let total = match state {

@@ -210,6 +210,8 @@ impl Breaker {
 #[derive(Clone)]
 pub struct Upstream {
     client: reqwest::Client,
+    /// `CRATERE_UPSTREAM_IDLE_TIMEOUT`: also the longest a client waits for a download to start.
+    idle_timeout: Duration,
     sparse: Url,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
@@ -217,6 +219,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// How long a read from upstream may stall (`CRATERE_UPSTREAM_IDLE_TIMEOUT`).
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Upstream> {
         let client = reqwest::Client::builder()
             .user_agent(USER_AGENT)
@@ -226,6 +233,7 @@ impl Upstream {
             .redirect(reqwest::redirect::Policy::limited(5))
             .build()?;
         Ok(Upstream {
+            idle_timeout: config.upstream_idle_timeout,
             client,
             sparse: config.upstream_sparse.clone(),
             permits: Arc::new(Semaphore::new(config.upstream_concurrency)),

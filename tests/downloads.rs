@@ -214,6 +214,36 @@ async fn upstream_hang_before_headers_is_a_504() {
     assert_eq!(r.status(), 504);
 }
 
+/// A slow index file and then a hanging crate fetch would each get the idle timeout; the
+/// client still gets its answer within one (cargo gives up after 30 s), while the index is
+/// still arriving and before the crate was even asked for.
+#[tokio::test]
+async fn a_miss_answers_within_one_idle_timeout_however_slow_upstream_is() {
+    let up = FakeUpstream::start().await;
+    up.publish("slowidx", "1.0.0", 100);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.upstream_idle_timeout = Duration::from_millis(500);
+    let proxy = Proxy::start_with(cfg).await;
+    // Each piece well within the idle timeout, the whole file several times over it.
+    up.set_fault(
+        Target::Index,
+        Fault::Trickle {
+            piece: 10,
+            pause: Duration::from_millis(200),
+        },
+    );
+    up.set_fault(Target::Crate, Fault::Hang);
+    let r = proxy.get(&format!("{DL}/slowidx/1.0.0/download")).await;
+    assert_eq!(r.status(), 504);
+    assert_eq!(
+        up.crate_hits("slowidx", "1.0.0"),
+        0,
+        "answered before the crate fetch"
+    );
+    assert_eq!(up.index_hits("slowidx"), 1);
+}
+
 #[tokio::test]
 async fn a_trickling_upstream_still_streams_through() {
     let up = FakeUpstream::start().await;

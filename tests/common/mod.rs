@@ -549,6 +549,10 @@ impl Proxy {
         let task = tokio::spawn(async move {
             cratere::app::run(listener, s, t).await.unwrap();
         });
+        // Startup is settled once the background adoption of the cache has written its
+        // marker (at once on an empty cache), so tests that compare the cache see only their
+        // requests' doing.
+        wait_until(|| state.usage.is_tracked(), "the adoption of the cache").await;
         Proxy {
             url: format!("http://{addr}"),
             addr,
