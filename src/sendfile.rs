@@ -36,7 +36,9 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Marks a request that came on a [`SendfileStream`]: a crate hit for it may be a mapping.
+/// Marks an HTTP/1.1 request that came on a [`SendfileStream`]: a crate hit for it may be a
+/// mapping. (Not HTTP/2: h2 copies the first bytes of each DATA frame into its own buffer,
+/// which would read the mapping; the proxy's own code never does.)
 #[derive(Debug, Clone, Copy)]
 pub struct Plain;
 

@@ -233,8 +233,12 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for PlainSer
             });
             return Either::Left(std::future::ready(Ok(crate::h2c::switching_protocols())));
         }
-        // Crate hits on this connection may be sent with sendfile.
-        req.extensions_mut().insert(crate::sendfile::Plain);
+        // Crate hits on this connection may be sent with sendfile: over HTTP/1.1 only, where
+        // hyper hands the body's buffers to the connection untouched (h2 copies the start of
+        // every DATA frame, which must never read a file's mapping).
+        if req.version() == hyper::Version::HTTP_11 {
+            req.extensions_mut().insert(crate::sendfile::Plain);
+        }
         Either::Right(self.inner.call(req))
     }
 }

@@ -124,7 +124,7 @@ async fn plain_http_serves_http2_with_prior_knowledge() {
         .unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.bytes().await.unwrap(), body);
-    // A hit: on plain HTTP it is sent with sendfile, inside HTTP/2 DATA frames.
+    // A hit, over HTTP/2: read into buffers (no sendfile; see `cratere::sendfile::Plain`).
     let r = client
         .get(format!("{}/api/v1/crates/h2c/1.0.0/download", proxy.url))
         .send()
@@ -155,6 +155,9 @@ async fn plain_http_upgrades_to_h2c_for_curl() {
             .arg(format!("{url}/api/v1/crates/h2c/1.0.0/download"))
             .arg("-o")
             .arg(out.join("h2c.crate"))
+            .arg(format!("{url}/api/v1/crates/h2c/1.0.0/download"))
+            .arg("-o")
+            .arg(out.join("h2c-again.crate"))
             .output()
             .unwrap()
     })
@@ -163,15 +166,20 @@ async fn plain_http_upgrades_to_h2c_for_curl() {
     let log = String::from_utf8_lossy(&curl.stderr);
     assert!(curl.status.success(), "{log}");
     assert!(log.contains("< HTTP/1.1 101"), "{log}");
-    assert_eq!(log.matches("< HTTP/2 200").count(), 2, "{log}");
+    assert_eq!(log.matches("< HTTP/2 200").count(), 3, "{log}");
     assert!(log.contains("Re-using existing connection"), "{log}");
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["dl"], format!("{}/api/v1/crates", proxy.url));
     assert_eq!(std::fs::read(out_dir.join("h2c.crate")).unwrap(), body);
+    // The second download is a hit.
+    assert_eq!(
+        std::fs::read(out_dir.join("h2c-again.crate")).unwrap(),
+        body
+    );
     let text = proxy.state.metrics.encode();
     assert!(
-        text.contains("cratere_http_requests_by_version_total{version=\"HTTP/2.0\"} 2"),
+        text.contains("cratere_http_requests_by_version_total{version=\"HTTP/2.0\"} 3"),
         "{text}"
     );
 }
