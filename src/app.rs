@@ -292,6 +292,19 @@ fn start_jobs(state: &AppState, jobs: &TaskTracker, shutdown: &CancellationToken
         },
     );
 
+    // Kept file mappings of zero-copy hits whose time is up are dropped even when idle.
+    spawn_scheduled(
+        jobs,
+        shutdown.clone(),
+        "sendfile-expiry",
+        "*/10 * * * * *".parse().expect("valid schedule"),
+        FirstRun::OnSchedule,
+        || async {
+            tokio::task::spawn_blocking(crate::sendfile::expire_kept).await?;
+            Ok(())
+        },
+    );
+
     // A cache from before usage tracking (or from another tool): every crate file counts as
     // used now. In the background, so startup does not grow with the cache; a cleanup that
     // comes first adopts it itself.

@@ -36,8 +36,10 @@ const MAX_FRAME: usize = 16_384;
 const MAX_SETTINGS: usize = 1024;
 
 /// Whether `req` asks to switch to HTTP/2 over cleartext and can: HTTP/1.1, `Upgrade: h2c`,
-/// one `HTTP2-Settings` header, `Connection` naming both, an origin-form target and no body.
-pub fn wants_upgrade<B: http_body::Body>(req: &Request<B>) -> bool {
+/// one `HTTP2-Settings` header, `Connection` naming both, an origin-form target, no body, and
+/// headers within `max_header_list` as HTTP/2 counts them (name + value + 32 each), so a
+/// request HTTP/1.1 would serve is never refused for having been upgraded.
+pub fn wants_upgrade<B: http_body::Body>(req: &Request<B>, max_header_list: usize) -> bool {
     if req.version() != Version::HTTP_11 {
         return false;
     }
@@ -63,7 +65,17 @@ pub fn wants_upgrade<B: http_body::Body>(req: &Request<B>) -> bool {
     let has_body = h.contains_key(header::TRANSFER_ENCODING)
         || h.get(header::CONTENT_LENGTH).is_some_and(|v| v != "0")
         || !req.body().is_end_stream();
-    !has_body && req.uri().path_and_query().is_some() && req.uri().scheme().is_none()
+    let list_size: usize = h
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 32)
+        .sum::<usize>()
+        + req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+        + req.method().as_str().len()
+        + 4 * 42; // the pseudo-headers' names, "http" and their overheads, generously
+    !has_body
+        && list_size <= max_header_list
+        && req.uri().path_and_query().is_some()
+        && req.uri().scheme().is_none()
 }
 
 /// The `101 Switching Protocols` answer to an upgrade request.
@@ -297,6 +309,10 @@ mod tests {
         assert_eq!(&b[..], &[0b11111, 0b10011010, 0b00001010]);
     }
 
+    fn wants_upgrade_default<B: http_body::Body>(req: &Request<B>) -> bool {
+        wants_upgrade(req, 16 * 1024)
+    }
+
     #[test]
     fn upgrade_is_only_for_bodyless_http11_with_settings() {
         let req = |f: &dyn Fn(http::request::Builder) -> http::request::Builder| {
@@ -309,20 +325,26 @@ mod tests {
                 .header("upgrade", "h2c")
                 .header("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA")
         };
-        assert!(wants_upgrade(&req(&ok)));
-        assert!(!wants_upgrade(&req(&|b| b)));
-        assert!(!wants_upgrade(&req(&|b| ok(b).version(Version::HTTP_10))));
-        assert!(!wants_upgrade(&req(
+        assert!(wants_upgrade_default(&req(&ok)));
+        assert!(!wants_upgrade_default(&req(&|b| b)));
+        assert!(!wants_upgrade_default(&req(
+            &|b| ok(b).version(Version::HTTP_10)
+        )));
+        assert!(!wants_upgrade_default(&req(
             &|b| ok(b).header("content-length", "5")
         )));
-        assert!(!wants_upgrade(&req(&|b| {
+        assert!(!wants_upgrade_default(&req(&|b| {
             b.header("connection", "Upgrade").header("upgrade", "h2c")
         })));
-        assert!(!wants_upgrade(&req(&|b| {
+        assert!(!wants_upgrade_default(&req(&|b| {
             b.header("connection", "Upgrade, HTTP2-Settings")
                 .header("upgrade", "websocket")
                 .header("http2-settings", "")
         })));
+        // Headers HTTP/2 would count over the limit: stays on HTTP/1.1.
+        let big = req(&|b| ok(b).header("x-big", "a".repeat(9000)));
+        assert!(wants_upgrade(&big, 16 * 1024));
+        assert!(!wants_upgrade(&big, 8 * 1024));
     }
 
     #[test]

@@ -19,8 +19,9 @@
 //! The mappings of recently sent files are kept ([`cached`], at most [`HOT_FILES`] for
 //! [`HOT_TTL`]), so a hot crate costs no open, map or unmap, and no trip to the blocking pool:
 //! only the `mincore` check and the `sendfile`. The proxy forgets a mapping when it removes or
-//! replaces the file; a file removed by another process (`cratere cleanup`) may still be sent
-//! from its old mapping, with its right bytes, for up to [`HOT_TTL`].
+//! replaces the file (before and after the unlink, and a mapping made while the file went away
+//! is forgotten right after it is kept); a file removed by another process (`cratere cleanup`)
+//! may still be sent from its old mapping, with its right bytes, for up to [`HOT_TTL`].
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -31,6 +32,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
+
+use std::os::unix::fs::MetadataExt;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
@@ -57,21 +60,35 @@ pub static BYTES_SENT: LazyLock<prometheus_client::metrics::counter::Counter> =
 
 /// A registered mapping; unregistered before it is unmapped.
 struct Mapping {
-    map: memmap2::Mmap,
+    /// Always `Some` until dropped.
+    map: Option<memmap2::Mmap>,
 }
 
 impl AsRef<[u8]> for Mapping {
     fn as_ref(&self) -> &[u8] {
-        &self.map
+        self.map.as_deref().unwrap_or_default()
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        let mut regions = REGIONS.lock().unwrap_or_else(|p| p.into_inner());
-        regions.remove(&(self.map.as_ptr() as usize));
+        let Some(map) = self.map.take() else { return };
+        let entry = REGIONS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(map.as_ptr() as usize));
         LIVE.fetch_sub(1, Ordering::Relaxed);
-        // `self.map` is unmapped after this, when the fields drop.
+        // The last reference to a file that was removed meanwhile frees its blocks, which
+        // may wait for the disk: then let the blocking pool unmap and close it.
+        let unlinked = entry
+            .as_ref()
+            .is_some_and(|(_, f)| f.metadata().is_ok_and(|m| m.nlink() == 0));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if unlinked => {
+                rt.spawn_blocking(move || drop((map, entry)));
+            }
+            _ => drop((map, entry)),
+        }
     }
 }
 
@@ -167,7 +184,7 @@ pub fn map_if_resident(file: &File, len: u64) -> Option<Mapped> {
     // SAFETY: cached files are immutable once renamed into place (see the module docs), so
     // the mapping's contents cannot change or shrink while it lives.
     let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(file) }.ok()?;
-    if map.len() as u64 != len {
+    if map.len() as u64 != len || !mincore_tells_the_truth(file) {
         return None;
     }
     let file = Arc::new(file.try_clone().ok()?);
@@ -177,8 +194,27 @@ pub fn map_if_resident(file: &File, len: u64) -> Option<Mapped> {
         .unwrap_or_else(|p| p.into_inner())
         .insert(start, (start + map.len(), file));
     LIVE.fetch_add(1, Ordering::Relaxed);
-    let mapped = Mapped(Bytes::from_owner(Mapping { map }), Default::default());
+    let mapped = Mapped(
+        Bytes::from_owner(Mapping { map: Some(map) }),
+        Default::default(),
+    );
     mapped.recently_resident().then_some(mapped)
+}
+
+/// Whether `mincore` reports the page cache truthfully for `file`: Linux answers "all cached"
+/// for a file the caller neither owns nor may write (so as not to leak what other users
+/// read), and trusting that would let `sendfile` wait for the disk on an async worker.
+fn mincore_tells_the_truth(file: &File) -> bool {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    euid == 0 || file.metadata().is_ok_and(|m| m.uid() == euid)
+}
+
+/// Drops kept mappings whose time is up. The cache only does that when it is used, so an idle
+/// proxy calls this now and then: a crate removed by another process then stops holding its
+/// disk space. Blocking (closing a removed file frees its blocks).
+pub fn expire_kept() {
+    HOT.run_pending_tasks();
 }
 
 /// The file and offset that the memory at `ptr` maps, if it lies in a live mapping.

@@ -114,6 +114,7 @@ pub async fn serve(
                         builder: builder.clone(),
                         watcher: std::sync::Mutex::new(Some(graceful.watcher())),
                         preface_timeout: limits.header_read_timeout,
+                        max_header_list: limits.max_header_bytes,
                     }),
                 };
                 let io = TokioIo::new(crate::sendfile::SendfileStream::new(stream));
@@ -170,6 +171,8 @@ struct UpgradeCtx {
     /// is drained on shutdown like any other.
     watcher: std::sync::Mutex<Option<Watcher>>,
     preface_timeout: Duration,
+    /// The HTTP/2 server's header list limit (the upgraded request must fit it).
+    max_header_list: usize,
 }
 
 /// The service of a plain HTTP connection: the router, plus the h2c upgrade.
@@ -191,7 +194,7 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for PlainSer
 
     fn call(&self, mut req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         use futures_util::future::Either;
-        if crate::h2c::wants_upgrade(&req)
+        if crate::h2c::wants_upgrade(&req, self.upgrade.max_header_list)
             && let Some(watcher) = self.upgrade.watcher.lock().ok().and_then(|mut w| w.take())
         {
             let stream_one = crate::h2c::stream_one_frames(req.method(), req.uri(), req.headers());

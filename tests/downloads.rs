@@ -82,6 +82,47 @@ async fn plain_http_hits_use_sendfile_and_removed_crates_are_not_served_from_a_k
     assert_eq!(up.crate_hits("zerocopy", "1.0.0"), 2);
 }
 
+/// Hits never write the cached file's inode: usage flushes move mtimes past atimes, and with
+/// `relatime` every read would then update the atime (a journal write on the async worker).
+#[tokio::test]
+async fn hits_leave_the_access_time_alone() {
+    let up = FakeUpstream::start().await;
+    let bytes = up.publish("noatime", "1.0.0", 100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let r = proxy.get(&format!("{DL}/noatime/1.0.0/download")).await;
+    assert_eq!(body_of(r).await.unwrap(), bytes);
+    let path = proxy.crate_path("no/at/noatime/noatime-1.0.0.crate");
+    let long_ago = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_times(
+            std::fs::FileTimes::new()
+                .set_accessed(long_ago)
+                .set_modified(std::time::SystemTime::now()),
+        )
+        .unwrap();
+    // HTTP/1.1 (sendfile) and HTTP/2 (reads) hits.
+    let r = proxy.get(&format!("{DL}/noatime/1.0.0/download")).await;
+    assert_eq!(r.headers()["x-cratere-cache"], "hit");
+    assert_eq!(body_of(r).await.unwrap(), bytes);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .get(format!("{}{DL}/noatime/1.0.0/download", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-cratere-cache"], "hit");
+    assert_eq!(r.bytes().await.unwrap(), bytes);
+    let atime = std::fs::metadata(&path).unwrap().accessed().unwrap();
+    assert_eq!(atime, long_ago);
+}
+
 #[tokio::test]
 async fn concurrent_misses_share_one_fetch_and_get_bytes_before_it_ends() {
     let up = FakeUpstream::start().await;

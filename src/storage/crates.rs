@@ -238,7 +238,10 @@ impl CrateStore {
             CrateStore::Fs(fs) => {
                 let path = fs.path(rel);
                 crate::sendfile::forget(&path);
-                match tokio::fs::remove_file(path).await {
+                let removed = tokio::fs::remove_file(&path).await;
+                // A hit that opened the file just before the unlink may have kept a mapping.
+                crate::sendfile::forget(&path);
+                match removed {
                     Ok(()) => Ok(true),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
                     Err(e) => Err(e),

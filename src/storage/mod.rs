@@ -132,14 +132,19 @@ impl FsStore {
     ) -> io::Result<Option<(std::fs::File, u64, bytes::Bytes)>> {
         let path = self.path(key);
         tokio::task::spawn_blocking(move || {
-            let f = match std::fs::File::open(&path) {
+            let f = match open_noatime(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
             let len = f.metadata()?.len();
             if map && let Some(mapped) = crate::sendfile::map_if_resident(&f, len) {
-                crate::sendfile::remember(path, &mapped);
+                crate::sendfile::remember(path.clone(), &mapped);
+                // Removed or replaced since the open: this request still gets the bytes it
+                // opened, later ones must not.
+                if !same_file(&f, &path) {
+                    crate::sendfile::forget(&path);
+                }
                 return Ok(Some((f, len, mapped.bytes())));
             }
             let want = len.min(chunk as u64) as usize;
@@ -161,6 +166,33 @@ impl FsStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Opens a cached file for reading without updating its access time: usage flushes move
+/// mtimes past atimes, so under `relatime` every hot hit would otherwise write an inode
+/// (a journal transaction that can wait for the disk) on an async worker's `sendfile` or
+/// `RWF_NOWAIT` read. `O_NOATIME` needs the file's owner; others get a plain open.
+fn open_noatime(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    #[cfg(target_os = "linux")]
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        other => return other,
+    }
+    std::fs::File::open(path)
+}
+
+/// Whether `path` still names the file `f` has open.
+fn same_file(f: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
