@@ -205,6 +205,7 @@ http {{
   keepalive_timeout 60;
   default_type application/octet-stream;
   server {{ listen 127.0.0.1:18200; root {static}; }}
+  server {{ listen 127.0.0.1:18201 http2; root {static}; }}
 }}
 """)
     nginx = subprocess.Popen(["nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -236,6 +237,50 @@ def compare_hits(main, title, cratere_paths, nginx_paths):
                     out(f"<!-- {who} {conns}: {err} -->")
         out(f"| {conns} | {med(c_rps):,.0f} | {med(n_rps):,.0f} | {med(c_rps) / med(n_rps):.2f}× "
             f"| {med(c_mb):,.1f} | {med(n_mb):,.1f} |")
+    return peak
+
+
+def h2load(uris, conns, streams):
+    listing = W / "uris.txt"
+    listing.write_text("\n".join(uris) + "\n")
+    r = subprocess.run(
+        ["h2load", "-t", "2", "-c", str(conns), "-m", str(streams), "-D", str(SECS), "-i", str(listing)],
+        capture_output=True, text=True, check=True,
+    )
+    rps = mbps = 0.0
+    errors = ""
+    for line in r.stdout.splitlines():
+        if line.startswith("finished in"):
+            parts = [p.strip() for p in line.split(",")]
+            rps = float(parts[1].split()[0])
+            mbps = to_mb(parts[2].split()[0].replace("/s", ""))
+        if line.startswith("requests:") and (" 0 failed" not in line or " 0 errored" not in line):
+            errors += line.strip() + " "
+    return rps, mbps, errors
+
+
+def compare_hits_h2(main, cratere_paths, nginx_paths):
+    """Crate hits over HTTP/2 without TLS (prior knowledge): cargo's protocol on a plain-http
+    registry (after its h2c upgrade). nginx copies here too: it has no sendfile for HTTP/2."""
+    conns, streams = 64, 10
+    out(f"\n### Cached .crate downloads over HTTP/2 (h2load, {conns} connections × {streams} streams)\n")
+    out("| Cratere req/s | nginx req/s | ratio | Cratere MB/s | nginx MB/s |")
+    out("| --- | --- | --- | --- | --- |")
+    c_rps, n_rps, c_mb, n_mb = [], [], [], []
+    peak = 0
+    for r in range(ROUNDS):
+        for who in (["c", "n"] if r % 2 == 0 else ["n", "c"]):
+            if who == "c":
+                sampler = Sampler(main.pid)
+                rps, mb, err = h2load([f"http://127.0.0.1:18100{p}" for p in cratere_paths], conns, streams)
+                peak = max(peak, sampler.stop())
+                c_rps.append(rps); c_mb.append(mb)
+            else:
+                rps, mb, err = h2load([f"http://127.0.0.1:18201{p}" for p in nginx_paths], conns, streams)
+                n_rps.append(rps); n_mb.append(mb)
+            if err:
+                out(f"<!-- {who}: {err} -->")
+    out(f"| {med(c_rps):,.0f} | {med(n_rps):,.0f} | {med(c_rps) / med(n_rps):.2f}× | {med(c_mb):,.1f} | {med(n_mb):,.1f} |")
     return peak
 
 
@@ -408,6 +453,7 @@ def main():
                 crates_c.append(f"/api/v1/crates/{name}/{version}/download")
                 crates_n.append(f"/crates/{rel}")
         peak = max(peak, compare_hits(main_proc, f"Cached .crate downloads ({len(crates_c)} files, round-robin)", crates_c, crates_n))
+        peak = max(peak, compare_hits_h2(main_proc, crates_c, crates_n))
     if want("index"):
         idx = sorted({f"/index/{prefix(n)}/{n.lower()}" for n, _, _ in pkgs})
         idx = [p for p in idx if (W / "static" / p.lstrip("/")).exists()]
