@@ -152,10 +152,15 @@ fn serves_without_a_subcommand_and_exits_cleanly_on_sigterm() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_lets_a_slow_download_finish_then_exits_zero() {
-    let up = common::FakeUpstream::start().await;
-    let bytes = up.publish("slowpoke", "1.0.0", 20_000);
+/// A real server whose upstream trickles a 20 KB crate `name` (1 KB every 50 ms), with a
+/// 20 s shutdown grace and `extra` settings; returns the crate's bytes with it.
+fn server_with_a_slow_crate(
+    up: &common::FakeUpstream,
+    dir: &std::path::Path,
+    name: &str,
+    extra: &[(&str, String)],
+) -> (bytes::Bytes, common::Running) {
+    let bytes = up.publish(name, "1.0.0", 20_000);
     up.set_fault(
         common::Target::Crate,
         common::Fault::Trickle {
@@ -163,14 +168,26 @@ async fn sigterm_lets_a_slow_download_finish_then_exits_zero() {
             pause: std::time::Duration::from_millis(50),
         },
     );
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = common::spawn_server(&[
+    let mut env = vec![
         ("CRATERE_UPSTREAM_SPARSE", up.url.clone()),
-        ("CRATERE_CACHE", dir.path().join("c").display().to_string()),
-        ("CRATERE_INDEX", dir.path().join("i").display().to_string()),
-        ("CRATERE_LOG_FORMAT", "json".into()),
+        ("CRATERE_CACHE", dir.join("c").display().to_string()),
+        ("CRATERE_INDEX", dir.join("i").display().to_string()),
         ("CRATERE_SHUTDOWN_GRACE", "20s".into()),
-    ]);
+    ];
+    env.extend(extra.iter().cloned());
+    (bytes, common::spawn_server(&env))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_a_slow_download_finish_then_exits_zero() {
+    let up = common::FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (bytes, mut server) = server_with_a_slow_crate(
+        &up,
+        dir.path(),
+        "slowpoke",
+        &[("CRATERE_LOG_FORMAT", "json".into())],
+    );
     let mut resp = reqwest::get(format!(
         "http://{}/api/v1/crates/slowpoke/1.0.0/download",
         server.addr
@@ -224,21 +241,8 @@ async fn sigterm_lets_a_slow_download_finish_then_exits_zero() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_an_h2c_upgraded_download() {
     let up = common::FakeUpstream::start().await;
-    let bytes = up.publish("slowh2", "1.0.0", 20_000);
-    up.set_fault(
-        common::Target::Crate,
-        common::Fault::Trickle {
-            piece: 1_000,
-            pause: std::time::Duration::from_millis(50),
-        },
-    );
     let dir = tempfile::tempdir().unwrap();
-    let server = common::spawn_server(&[
-        ("CRATERE_UPSTREAM_SPARSE", up.url.clone()),
-        ("CRATERE_CACHE", dir.path().join("c").display().to_string()),
-        ("CRATERE_INDEX", dir.path().join("i").display().to_string()),
-        ("CRATERE_SHUTDOWN_GRACE", "20s".into()),
-    ]);
+    let (bytes, server) = server_with_a_slow_crate(&up, dir.path(), "slowh2", &[]);
     let out = dir.path().join("slowh2.crate");
     let curl = Command::new("curl")
         .args(["-sS", "-v", "--http2", "--no-buffer", "-o"])

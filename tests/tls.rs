@@ -70,22 +70,25 @@ async fn https_negotiates_http2_and_http1() {
     assert!(plain.is_err() || plain.unwrap().status() != 200);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cargo_fetches_over_https_and_http2() {
-    let work = tempfile::tempdir().unwrap();
-    let crates = package_crates(&work.path().join("src-crates"));
-    let up = FakeUpstream::start().await;
-    publish_packaged(&up, &crates);
-    let (proxy, tls, base) = tls_proxy(&up, work.path()).await;
-    let project = work.path().join("app");
+/// cargo fetches the test app through `proxy` at `registry` (extra `config.toml` lines in
+/// `extra`) and speaks only HTTP/2 to it; the proxy fetched the three crates once.
+async fn cargo_fetches_over_http2_only(
+    work: &std::path::Path,
+    up: &FakeUpstream,
+    proxy: &Proxy,
+    registry: &str,
+    extra: &str,
+) {
+    let crates = package_crates(&work.join("src-crates"));
+    publish_packaged(up, &crates);
+    let project = work.join("app");
     write_app_project(&project);
-    let home = work.path().join("home");
+    let home = work.join("home");
     write(
         &home.join("config.toml"),
         &format!(
             "[source.crates-io]\nreplace-with = \"cratere\"\n[source.cratere]\n\
-             registry = \"sparse+{base}/index/\"\n[http]\ncainfo = \"{}\"\n[net]\nretry = 0\n",
-            tls.cert.display()
+             registry = \"sparse+{registry}/index/\"\n[net]\nretry = 0\n{extra}"
         ),
     );
     let out = tokio::task::spawn_blocking(move || cargo(&project, &home, &["fetch"]))
@@ -104,7 +107,19 @@ async fn cargo_fetches_over_https_and_http2() {
         text.contains("cratere_http_requests_by_version_total{version=\"HTTP/2.0\"}"),
         "cargo spoke HTTP/2:\n{text}"
     );
-    assert!(!text.contains("version=\"HTTP/1.1\""), "and only HTTP/2");
+    assert!(
+        !text.contains("version=\"HTTP/1.1\""),
+        "and only HTTP/2:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cargo_fetches_over_https_and_http2() {
+    let work = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start().await;
+    let (proxy, tls, base) = tls_proxy(&up, work.path()).await;
+    let cainfo = format!("[http]\ncainfo = \"{}\"\n", tls.cert.display());
+    cargo_fetches_over_http2_only(work.path(), &up, &proxy, &base, &cainfo).await;
 }
 
 #[tokio::test]
@@ -233,42 +248,11 @@ async fn h2c_upgrade_edge_cases() {
     assert_eq!(r.status(), 200);
 }
 
+/// On plain http cargo asks for HTTP/2 with `Upgrade: h2c` and, upgraded, multiplexes.
 #[tokio::test(flavor = "multi_thread")]
 async fn cargo_fetches_over_plain_http_with_h2c() {
     let work = tempfile::tempdir().unwrap();
-    let crates = package_crates(&work.path().join("src-crates"));
     let up = FakeUpstream::start().await;
-    publish_packaged(&up, &crates);
     let proxy = Proxy::start(&up, &work.path().join("data")).await;
-    let project = work.path().join("app");
-    write_app_project(&project);
-    let home = work.path().join("home");
-    write(
-        &home.join("config.toml"),
-        &format!(
-            "[source.crates-io]\nreplace-with = \"cratere\"\n[source.cratere]\n\
-             registry = \"sparse+{}/index/\"\n[net]\nretry = 0\n",
-            proxy.url
-        ),
-    );
-    let out = tokio::task::spawn_blocking(move || cargo(&project, &home, &["fetch"]))
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m = &proxy.state.metrics;
-    use cratere::metrics::{Kind, Outcome};
-    assert_eq!(m.cache_count(Kind::Crate, Outcome::Miss), 3);
-    let text = m.encode();
-    assert!(
-        text.contains("cratere_http_requests_by_version_total{version=\"HTTP/2.0\"}"),
-        "cargo spoke HTTP/2 after the upgrade:\n{text}"
-    );
-    assert!(
-        !text.contains("version=\"HTTP/1.1\""),
-        "and only HTTP/2:\n{text}"
-    );
+    cargo_fetches_over_http2_only(work.path(), &up, &proxy, &proxy.url, "").await;
 }
