@@ -21,17 +21,19 @@
 //! Empty directories are left in place: removing one could race with a download creating
 //! its file there.
 
-use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::{CleanupArgs, Config};
+use crate::jobs::{FirstRun, Schedule, spawn_scheduled};
+use crate::metrics::Metrics;
+
+use crate::config::Config;
 use crate::names::IndexPath;
 use crate::storage::{CrateStore, list_files};
 use crate::usage::{Usage, Use};
@@ -307,13 +309,14 @@ impl Cleanup {
                 (last_use, f)
             })
             .collect();
-        files.sort_by(|a, b| (a.0, &a.1.rel).cmp(&(b.0, &b.1.rel)));
+        files.sort_by_cached_key(|(last_use, f)| (*last_use, f.key.as_relative()));
         let mut kept_files = files.len() as u64;
         let mut kept_bytes: u64 = files.iter().map(|(_, f)| f.len).sum();
         for (last_use, f) in files {
             if stop.is_cancelled() {
                 break;
             }
+            let rel = f.key.as_relative();
             let reason = if last_use < cutoff {
                 Reason::Unused
             } else if self.rules.max_size.is_some_and(|max| kept_bytes > max) {
@@ -322,12 +325,12 @@ impl Cleanup {
                 break; // sorted oldest first: every later file is newer and fits
             };
             if !dry_run {
-                if self.usage.pending(&Use::Crate(f.rel.clone())).is_some() {
+                if self.usage.pending(&Use::Crate(rel.clone())).is_some() {
                     report.skipped_in_use += 1;
                     continue;
                 }
                 // Re-check: no use recorded since the scan (by any process or replica).
-                match self.crates.last_use(&f.rel).await {
+                match self.crates.last_use(&rel).await {
                     Ok(Some(t)) if t == f.last_use => {}
                     Ok(Some(_)) => {
                         report.skipped_in_use += 1;
@@ -341,11 +344,11 @@ impl Cleanup {
                     }
                     Err(e) => {
                         report.errors += 1;
-                        tracing::warn!(file = %f.rel, error = %e, "cannot check a crate file");
+                        tracing::warn!(file = %rel, error = %e, "cannot check a crate file");
                         continue;
                     }
                 }
-                match self.crates.remove(&f.rel).await {
+                match self.crates.remove(&rel).await {
                     Ok(true) => {}
                     Ok(false) => {
                         kept_files -= 1;
@@ -354,7 +357,7 @@ impl Cleanup {
                     }
                     Err(e) => {
                         report.errors += 1;
-                        tracing::warn!(file = %f.rel, error = %e, "cannot remove a crate file");
+                        tracing::warn!(file = %rel, error = %e, "cannot remove a crate file");
                         continue;
                     }
                 }
@@ -365,7 +368,7 @@ impl Cleanup {
             report.crate_bytes_removed += f.len;
             removed.push(Removal {
                 kind: FileKind::Crate,
-                rel: f.rel,
+                rel,
                 bytes: f.len,
                 last_use,
                 reason,
@@ -457,6 +460,61 @@ impl Cleanup {
     }
 }
 
+/// The jobs of the cache lifecycle: the crate cache's size for `/metrics` and the status
+/// page (a walk at startup and every 10 minutes, in the background, so startup does not grow
+/// with the cache; stores in between are added as they happen), and the scheduled cleanup.
+pub fn spawn_jobs(
+    cleanup: Arc<Cleanup>,
+    metrics: Arc<Metrics>,
+    schedule: Option<Schedule>,
+    jobs: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let (crates, m, stop) = (cleanup.crates.clone(), metrics.clone(), shutdown.clone());
+    spawn_scheduled(
+        jobs,
+        shutdown.clone(),
+        "cache-size",
+        "*/10 * * * *".parse().expect("valid schedule"),
+        FirstRun::Immediately,
+        move || {
+            let (crates, metrics, stop) = (crates.clone(), m.clone(), stop.clone());
+            async move {
+                // Shutdown does not wait for a walk of a big cache.
+                let listed = tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    listed = crates.list() => listed?,
+                };
+                let bytes = listed.iter().map(|c| c.len).sum();
+                metrics.set_cache_size(listed.len() as u64, bytes);
+                Ok(())
+            }
+        },
+    );
+    let Some(schedule) = schedule else { return };
+    let stop = shutdown.clone();
+    spawn_scheduled(
+        jobs,
+        shutdown.clone(),
+        "cleanup",
+        schedule,
+        FirstRun::OnSchedule,
+        move || {
+            let (cleanup, stop, metrics) = (cleanup.clone(), stop.clone(), metrics.clone());
+            async move {
+                if let Outcome::Done(pass) = cleanup.run_once(false, &stop).await? {
+                    // The pass counted what is left: exact figures for the gauges.
+                    let r = &pass.report;
+                    if !r.crates_skipped {
+                        metrics.set_cache_size(r.crate_files_kept, r.crate_bytes_kept);
+                    }
+                }
+                Ok(())
+            }
+        },
+    );
+}
+
 fn open_lock_file(path: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::File::options()
         .create(true)
@@ -482,121 +540,6 @@ fn try_lock(file: &std::fs::File) -> anyhow::Result<Option<Held<'_>>> {
         Ok(()) => Ok(Some(Held(file))),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
         Err(std::fs::TryLockError::Error(e)) => Err(e).context("cannot lock the cleanup lock file"),
-    }
-}
-
-/// `cratere cleanup [--dry-run]`: one pass now, printing every file it removes and a summary.
-pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
-    let config = args.config;
-    let crates_root = config.cache.clone();
-    let index_root = config.index.join("sparse");
-    if config.storage == crate::config::StorageKind::Fs && !crates_root.is_dir() {
-        anyhow::bail!(
-            "CRATERE_CACHE={}: no such directory (nothing cached there)",
-            crates_root.display()
-        );
-    }
-    let crates = CrateStore::open(&config)?;
-    let usage = Arc::new(Usage::new(
-        crates.clone(),
-        &index_root,
-        Arc::new(crate::clock::SystemClock),
-    ));
-    if !args.dry_run {
-        usage
-            .adopt_untracked()
-            .with_context(|| format!("CRATERE_CACHE={}", crates_root.display()))?;
-    }
-    let cleanup = Arc::new(Cleanup::new(
-        crates,
-        &index_root,
-        usage.clone(),
-        Rules::from_config(&config),
-    ));
-    let pass = match cleanup
-        .run_once(args.dry_run, &CancellationToken::new())
-        .await?
-    {
-        Outcome::Done(pass) => pass,
-        Outcome::Busy => {
-            eprintln!("another cleanup is running on this cache; nothing was done");
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    let now = usage.now();
-    let verb = if args.dry_run {
-        "would remove"
-    } else {
-        "removed"
-    };
-    let mut out = String::new();
-    for r in &pass.removed {
-        let unused_for = now.duration_since(r.last_use).unwrap_or_default();
-        let why = match r.reason {
-            Reason::Unused => format!("unused for {}", age(unused_for)),
-            Reason::OverSize => format!("last used {} ago, over the size cap", age(unused_for)),
-        };
-        let kind = match r.kind {
-            FileKind::Crate => "crate",
-            FileKind::Index => "index",
-        };
-        let _ = writeln!(
-            out,
-            "{verb} {kind} {}  {}  {why}",
-            r.rel,
-            bytesize::ByteSize(r.bytes)
-        );
-    }
-    let r = &pass.report;
-    let _ = writeln!(
-        out,
-        "cleanup{}: {verb} {} crate files ({}) and {} index files ({}) in {:.2} s; \
-         {} crate files ({}) {}",
-        if args.dry_run { " (dry run)" } else { "" },
-        r.crate_files_removed,
-        bytesize::ByteSize(r.crate_bytes_removed),
-        r.index_files_removed,
-        bytesize::ByteSize(r.index_bytes_removed),
-        r.duration.as_secs_f64(),
-        r.crate_files_kept,
-        bytesize::ByteSize(r.crate_bytes_kept),
-        if args.dry_run {
-            "would remain"
-        } else {
-            "remain"
-        },
-    );
-    if r.skipped_in_use > 0 {
-        let _ = writeln!(
-            out,
-            "{} files kept: used during the cleanup",
-            r.skipped_in_use
-        );
-    }
-    print!("{out}");
-    if r.crates_skipped {
-        eprintln!(
-            "another cleanup is running on the bucket (another replica holds its lease): crate \
-             files were not examined; only the local index cache was cleaned"
-        );
-        return Ok(ExitCode::FAILURE);
-    }
-    if r.errors > 0 {
-        eprintln!("{} files could not be removed (see the log)", r.errors);
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// A short human age: seconds, hours or days.
-fn age(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s >= 86_400.0 {
-        format!("{:.1} days", s / 86_400.0)
-    } else if s >= 3_600.0 {
-        format!("{:.1} hours", s / 3_600.0)
-    } else {
-        format!("{s:.0} s")
     }
 }
 
@@ -747,12 +690,5 @@ mod tests {
         let pass = f.run(&f.cleanup(1.0, Some(1)), false).await;
         assert!(pass.removed.is_empty(), "{:?}", pass.removed);
         assert!(tmp.exists() && config.exists() && index_tmp.exists());
-    }
-
-    #[test]
-    fn ages_read_well() {
-        assert_eq!(age(Duration::from_secs(20)), "20 s");
-        assert_eq!(age(Duration::from_secs(5400)), "1.5 hours");
-        assert_eq!(age(days(95.0)), "95.0 days");
     }
 }

@@ -10,60 +10,40 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Extension, Path, State};
-use axum::http::{HeaderValue, header};
-use axum::response::Response;
-use axum::routing::get;
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::app::AppState;
-use crate::error::AppError;
 use crate::index_cache::{IndexCache, IndexKey};
-use crate::metrics::{Kind, Metrics, Outcome};
+use crate::metrics::{Kind, Metrics};
 use crate::names::{CrateKey, CrateName, Version};
-use crate::sparse::CACHE_HEADER;
 use crate::storage::CrateStore;
 use crate::upstream::{Upstream, UpstreamError, crate_url};
 use crate::usage::Usage;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/crates/{crate}/{version}/download", get(download))
+/// Why a crate could not be served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DownloadError {
+    /// No such crate or version (the index says so, or upstream has no file for it).
+    #[error("{0}")]
+    NotFound(String),
+    #[error("upstream: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("the downloaded crate did not match the checksum in the index")]
+    Checksum,
+    /// The crate store failed (a local disk error; a failing bucket falls back to upstream).
+    #[error("crate store: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Internal(&'static str),
 }
 
-async fn download(
-    State(st): State<AppState>,
-    Path((krate, version)): Path<(String, String)>,
-    plain: Option<Extension<crate::sendfile::Plain>>,
-) -> Result<Response, AppError> {
-    let name: CrateName = krate.parse()?;
-    let version: Version = version.parse()?;
-    let d = st.downloads.get(&name, &version, plain.is_some()).await?;
-    let outcome = if d.hit { Outcome::Hit } else { Outcome::Miss };
-    st.metrics.cache(Kind::Crate, outcome);
-    let mut resp = Response::new(d.body);
-    let h = resp.headers_mut();
-    // Never Content-Encoding: cargo would decode the body and its checksum would fail.
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/gzip"),
-    );
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=31536000, immutable"),
-    );
-    h.insert(
-        CACHE_HEADER,
-        HeaderValue::from_static(if d.hit { "hit" } else { "miss" }),
-    );
-    if let Some(len) = d.len {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+impl From<std::io::Error> for DownloadError {
+    fn from(e: std::io::Error) -> Self {
+        DownloadError::Store(e.to_string())
     }
-    Ok(resp)
 }
 
 /// Size of reads from a cached or in-flight file.
@@ -91,24 +71,7 @@ enum Progress {
     },
     /// The file turned out to be in the cache already: read it from there.
     AlreadyCached,
-    Failed(Failure),
-}
-
-#[derive(Debug, Clone)]
-enum Failure {
-    NotFound(String),
-    Upstream(UpstreamError),
-    Checksum,
-}
-
-impl From<Failure> for AppError {
-    fn from(f: Failure) -> AppError {
-        match f {
-            Failure::NotFound(m) => AppError::NotFound(m),
-            Failure::Upstream(e) => AppError::Upstream(e),
-            Failure::Checksum => AppError::ChecksumMismatch,
-        }
-    }
+    Failed(DownloadError),
 }
 
 struct Flight {
@@ -143,9 +106,10 @@ impl Spill {
     }
 }
 
-/// The body of a download response.
+/// A crate on its way to a client.
 pub struct Download {
-    pub body: Body,
+    /// The bytes, read as they are sent (never buffered whole); an error ends the body early.
+    pub body: BoxStream<'static, std::io::Result<Bytes>>,
     pub len: Option<u64>,
     /// True when served from the cache without an upstream fetch.
     pub hit: bool,
@@ -206,7 +170,7 @@ impl Downloads {
         name: &CrateName,
         version: &Version,
         zero_copy: bool,
-    ) -> Result<Download, AppError> {
+    ) -> Result<Download, DownloadError> {
         let key = CrateKey::new(name, version);
         // Two rounds: if a fetch finds the file already cached (a race with another fetch
         // finishing), read it from the cache.
@@ -216,7 +180,7 @@ impl Downloads {
                     self.usage.record_crate(&key);
                     return Ok(Download {
                         len: Some(stored.len),
-                        body: Body::from_stream(stored.into_stream()),
+                        body: stored.into_stream(),
                         hit: true,
                     });
                 }
@@ -238,26 +202,26 @@ impl Downloads {
                 rx.wait_for(|s| !matches!(s, Progress::Starting)),
             )
             .await
-            .map_err(|_| AppError::Upstream(UpstreamError::Timeout))?;
+            .map_err(|_| DownloadError::Upstream(UpstreamError::Timeout))?;
             let state = started
-                .map_err(|_| AppError::Internal(anyhow::anyhow!("download task vanished")))?
+                .map_err(|_| DownloadError::Internal("download task vanished"))?
                 .clone();
             let total = match state {
                 Progress::Starting => unreachable!(),
                 Progress::AlreadyCached => continue,
-                Progress::Failed(f) => return Err(f.into()),
+                Progress::Failed(f) => return Err(f),
                 Progress::Streaming { total, .. } => total,
                 Progress::Verified { len } | Progress::Done { len } => Some(len),
             };
             return Ok(Download {
-                body: Body::from_stream(tail(flight.clone(), rx, total)),
+                body: Box::pin(tail(flight.clone(), rx, total)),
                 len: total,
                 hit: false,
             });
         }
-        Err(AppError::Internal(anyhow::anyhow!(
-            "crate file vanished right after it was stored"
-        )))
+        Err(DownloadError::Internal(
+            "crate file vanished right after it was stored",
+        ))
     }
 
     /// Makes sure a crate file is in the cache, fetching it (verified, coalesced with any
@@ -266,7 +230,7 @@ impl Downloads {
         self: &Arc<Self>,
         name: &CrateName,
         version: &Version,
-    ) -> Result<Cached, AppError> {
+    ) -> Result<Cached, DownloadError> {
         let key = CrateKey::new(name, version);
         for _ in 0..2 {
             if let Some(len) = self.store.len(&key.as_relative()).await? {
@@ -286,27 +250,27 @@ impl Downloads {
                     )
                 })
                 .await
-                .map_err(|_| AppError::Internal(anyhow::anyhow!("download task vanished")))?
+                .map_err(|_| DownloadError::Internal("download task vanished"))?
                 .clone();
             match state {
                 Progress::AlreadyCached => continue,
-                Progress::Failed(f) => return Err(f.into()),
+                Progress::Failed(f) => return Err(f),
                 Progress::Done { len } => return Ok(Cached { fetched: true, len }),
                 Progress::Starting | Progress::Streaming { .. } | Progress::Verified { .. } => {
                     unreachable!()
                 }
             }
         }
-        Err(AppError::Internal(anyhow::anyhow!(
-            "crate file vanished right after it was stored"
-        )))
+        Err(DownloadError::Internal(
+            "crate file vanished right after it was stored",
+        ))
     }
 
     fn join_or_start(
         self: &Arc<Self>,
         key: &CrateKey,
         requested: &CrateName,
-    ) -> Result<Arc<Flight>, AppError> {
+    ) -> Result<Arc<Flight>, DownloadError> {
         let mut map = self.inflight.lock().expect("lock poisoned");
         if let Some(f) = map.get(key) {
             self.metrics.coalesced(Kind::Crate);
@@ -358,22 +322,21 @@ impl Downloads {
         requested: &CrateName,
         tmp: Option<tempfile::NamedTempFile>,
         flight: &Flight,
-    ) -> Result<Progress, Failure> {
+    ) -> Result<Progress, DownloadError> {
         let rel = key.as_relative();
         if let Ok(Some(_)) = self.store.len(&rel).await {
             return Ok(Progress::AlreadyCached);
         }
         let (canonical, cksum) = self.checksum(requested, key.version()).await?;
         let template = self.dl_template().await?;
-        let url =
-            crate_url(&template, &canonical, key.version(), &cksum).map_err(Failure::Upstream)?;
-        let mut body = self.upstream.fetch_crate(url).await.map_err(|e| match e {
-            UpstreamError::Status(404) => Failure::NotFound(format!(
+        let url = crate_url(&template, &canonical, key.version(), &cksum)
+            .map_err(DownloadError::Upstream)?;
+        let Some(mut body) = self.upstream.fetch_crate(url).await? else {
+            return Err(DownloadError::NotFound(format!(
                 "upstream has no file for {canonical} {}",
                 key.version()
-            )),
-            e => Failure::Upstream(e),
-        })?;
+            )));
+        };
         let total = body.len;
         flight
             .state
@@ -386,13 +349,13 @@ impl Downloads {
             let chunk = body
                 .chunk()
                 .await
-                .map_err(|e| Failure::Upstream(self.upstream.failed(Kind::Crate, e)))?;
+                .map_err(|e| DownloadError::Upstream(self.upstream.failed(Kind::Crate, e)))?;
             let Some(chunk) = chunk else { break };
             self.upstream.received(chunk.len());
             hasher.update(&chunk);
             written += chunk.len() as u64;
             if total.is_some_and(|t| written > t) {
-                return Err(Failure::Upstream(UpstreamError::Body(
+                return Err(DownloadError::Upstream(UpstreamError::Body(
                     "longer than its Content-Length".into(),
                 )));
             }
@@ -423,14 +386,16 @@ impl Downloads {
         }
         if total.is_some_and(|t| written != t) {
             let e = UpstreamError::Body("truncated".into());
-            return Err(Failure::Upstream(self.upstream.failed(Kind::Crate, e)));
+            return Err(DownloadError::Upstream(
+                self.upstream.failed(Kind::Crate, e),
+            ));
         }
         let got = hex::encode(hasher.finalize());
         if got != cksum {
             tracing::error!(krate = %rel, expected = %cksum, got = %got, "checksum mismatch");
             self.metrics
                 .upstream_error(Kind::Crate, "checksum", "checksum mismatch");
-            return Err(Failure::Checksum);
+            return Err(DownloadError::Checksum);
         }
         let Some(writer) = writer else {
             return Ok(Progress::Done { len: written });
@@ -456,7 +421,7 @@ impl Downloads {
         &self,
         requested: &CrateName,
         version: &Version,
-    ) -> Result<(CrateName, String), Failure> {
+    ) -> Result<(CrateName, String), DownloadError> {
         let key = IndexKey::Crate(requested.index_path());
         for force in [false, true] {
             let res = self.index.get(&key, force).await;
@@ -469,16 +434,20 @@ impl Downloads {
                         break;
                     }
                 }
-                Ok(None) => return Err(Failure::NotFound(format!("no crate named {requested}"))),
-                Err(e) => return Err(Failure::Upstream(e)),
+                Ok(None) => {
+                    return Err(DownloadError::NotFound(format!(
+                        "no crate named {requested}"
+                    )));
+                }
+                Err(e) => return Err(DownloadError::Upstream(e)),
             }
         }
-        Err(Failure::NotFound(format!(
+        Err(DownloadError::NotFound(format!(
             "{requested} has no version {version}"
         )))
     }
 
-    async fn dl_template(&self) -> Result<String, Failure> {
+    async fn dl_template(&self) -> Result<String, DownloadError> {
         if let Some(t) = &self.dl_override {
             return Ok(t.clone());
         }
@@ -486,11 +455,11 @@ impl Downloads {
         let entry = match res {
             Ok(Some((entry, _))) => entry,
             Ok(None) => {
-                return Err(Failure::Upstream(UpstreamError::Config(
+                return Err(DownloadError::Upstream(UpstreamError::Config(
                     "upstream has no config.json".into(),
                 )));
             }
-            Err(e) => return Err(Failure::Upstream(e)),
+            Err(e) => return Err(DownloadError::Upstream(e)),
         };
         #[derive(Deserialize)]
         struct UpstreamConfig {
@@ -499,7 +468,7 @@ impl Downloads {
         serde_json::from_slice::<UpstreamConfig>(&entry.body)
             .map(|c| c.dl)
             .map_err(|e| {
-                Failure::Upstream(UpstreamError::Config(format!(
+                DownloadError::Upstream(UpstreamError::Config(format!(
                     "upstream config.json has no usable dl: {e}"
                 )))
             })

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::clock::Clock;
 use crate::metrics::{Kind, Metrics};
 use crate::names::IndexPath;
 use crate::singleflight::SingleFlight;
@@ -63,8 +64,8 @@ impl Entry {
         format!("\"{}\"", self.sha256)
     }
 
-    fn age(&self) -> Duration {
-        self.fetched.elapsed().unwrap_or_default()
+    fn age(&self, now: SystemTime) -> Duration {
+        now.duration_since(self.fetched).unwrap_or_default()
     }
 }
 
@@ -96,6 +97,8 @@ pub struct IndexCache {
     /// The most used index files, in memory: a hit then costs no disk access. Bounded in
     /// bytes (`CRATERE_INDEX_MEMORY_CACHE`); the disk stays the source of truth.
     memory: moka::sync::Cache<IndexKey, Entry>,
+    /// Ages and confirmation times are read from it (tests move it).
+    clock: Arc<dyn Clock>,
 }
 
 impl IndexCache {
@@ -106,6 +109,7 @@ impl IndexCache {
         metrics: Arc<Metrics>,
         usage: Arc<Usage>,
         memory_bytes: u64,
+        clock: Arc<dyn Clock>,
     ) -> IndexCache {
         let memory = moka::sync::Cache::builder()
             .max_capacity(memory_bytes)
@@ -122,6 +126,7 @@ impl IndexCache {
             usage,
             flights: SingleFlight::default(),
             memory,
+            clock,
         }
     }
 
@@ -166,14 +171,15 @@ impl IndexCache {
         };
         if let Some(e) = &cached
             && !force
-            && e.age() < self.ttl
+            && e.age(self.clock.now()) < self.ttl
         {
             return Ok(Some((e.clone(), Served::Hit)));
         }
         let (store, upstream, k) = (self.store.clone(), self.upstream.clone(), key.clone());
+        let clock = self.clock.clone();
         let (flight, joined) = self
             .flights
-            .start_or_join(key.clone(), move || refresh(store, upstream, k));
+            .start_or_join(key.clone(), move || refresh(store, upstream, k, clock));
         if joined {
             self.metrics.coalesced(Kind::Index);
         }
@@ -278,6 +284,7 @@ async fn refresh(
     store: FsStore,
     upstream: Upstream,
     key: IndexKey,
+    clock: Arc<dyn Clock>,
 ) -> Result<Refreshed, UpstreamError> {
     let old = read_entry(&store, &key).await;
     let known = old
@@ -285,7 +292,7 @@ async fn refresh(
         .map(|e| e.validators.clone())
         .unwrap_or_default();
     let fetched = upstream.fetch_index(&key.relative(), &known).await?;
-    let now = SystemTime::now();
+    let now = clock.now();
     let store = Arc::new(store);
     let (entry, changed) = match (fetched, old) {
         (IndexFetch::NotFound, _) => {

@@ -1,4 +1,4 @@
-//! The `cratere` binary: parse the configuration, set up logging, hand over to [`cratere::app`].
+//! The `cratere` binary: parse the configuration, set up logging, hand over to [`cratere::commands`].
 
 use std::process::ExitCode;
 
@@ -32,7 +32,7 @@ async fn run() -> ExitCode {
         Some(Command::Warm(a)) => (a.config.log_format, "warn"),
     };
     cratere::telemetry::init(format, default_filter);
-    match cratere::app::dispatch(cli).await {
+    match cratere::commands::dispatch(cli).await {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -199,6 +199,33 @@ impl CrateKey {
     }
 }
 
+impl FromStr for CrateKey {
+    type Err = NameError;
+
+    /// Accepts exactly a key [`CrateKey::as_relative`] produces: the lowercase crate's index
+    /// path, then `{name}-{version}.crate`. Anything else in a cache directory is not a crate.
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let (dir, file) = s.rsplit_once('/').ok_or(NameError::BadIndexPath)?;
+        let path: IndexPath = dir.parse()?;
+        let version = file
+            .strip_prefix(path.name().as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.strip_suffix(".crate"))
+            .ok_or(NameError::BadIndexPath)?
+            .parse()?;
+        Ok(CrateKey {
+            name: path.0,
+            version,
+        })
+    }
+}
+
+impl fmt::Display for CrateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_relative())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +307,17 @@ mod tests {
         assert_eq!(k.as_relative(), "in/fl/inflector/inflector-0.11.4.crate");
         let k = CrateKey::new(&"serde".parse().unwrap(), &"1.0.200".parse().unwrap());
         assert_eq!(k.as_relative(), "se/rd/serde/serde-1.0.200.crate");
+        assert_eq!(k.as_relative().parse::<CrateKey>().unwrap(), k);
+        for not_a_key in [
+            "se/rd/serde/serde-1.0.200.crate.part",
+            "se/rd/serde/serde_json-1.0.200.crate",
+            "se/rd/Serde/Serde-1.0.200.crate",
+            "se/rd/serde/serde-1.0.crate",
+            "xx/rd/serde/serde-1.0.200.crate",
+            "serde-1.0.200.crate",
+            ".tmp/w-123",
+        ] {
+            assert!(not_a_key.parse::<CrateKey>().is_err(), "{not_a_key}");
+        }
     }
 }

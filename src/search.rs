@@ -2,29 +2,20 @@
 //! web API under its data-access policy (at most one request per second, a descriptive
 //! User-Agent), identical queries answered from a short-lived cache, and — when upstream
 //! fails — an answer built from what this proxy has cached, so search works air-gapped.
-//! Every other `/api/v1/…` path answers 404 in the JSON error format cargo prints.
+//! The routes are in [`crate::http`]; this module knows nothing of HTTP responses.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::{Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::app::AppState;
 use crate::index_cache::{IndexCache, IndexKey};
 use crate::names::CrateName;
 use crate::singleflight::SingleFlight;
+use crate::storage::CrateStore;
 use crate::upstream::{Upstream, UpstreamError};
-
-/// Response header on answers built locally (upstream unreachable or failing).
-pub const SEARCH_HEADER: &str = "x-cratere-search";
 
 /// How long an identical query is answered from memory.
 const CACHE_TTL: Duration = Duration::from_secs(60);
@@ -34,25 +25,6 @@ const CACHE_ENTRIES: usize = 1024;
 const MAX_QUEUE_WAIT: Duration = Duration::from_secs(5);
 const MAX_PER_PAGE: u32 = 100;
 const MAX_QUERY_LEN: usize = 256;
-
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/crates", get(search).fallback(not_served))
-        .route("/api/v1/{*rest}", any(not_served))
-}
-
-/// A cargo-style JSON error: `{"errors":[{"detail":"…"}]}`.
-pub fn json_error(status: StatusCode, detail: &str) -> Response {
-    let body = serde_json::json!({ "errors": [{ "detail": detail }] }).to_string();
-    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
-}
-
-async fn not_served() -> Response {
-    json_error(
-        StatusCode::NOT_FOUND,
-        "this crates.io proxy does not serve that API endpoint",
-    )
-}
 
 /// Spaces upstream requests at least `interval` apart; callers queue for their slot, and get
 /// `Err(retry_after)` when their slot is more than `max_wait` away.
@@ -87,17 +59,79 @@ impl RateLimiter {
     }
 }
 
+/// A search, checked: a query of at most [`MAX_QUERY_LEN`] bytes, a page size of 1 to
+/// [`MAX_PER_PAGE`], a page from 1.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct SearchKey {
+pub struct SearchQuery {
     q: String,
     per_page: u32,
     page: u32,
 }
 
+impl SearchQuery {
+    /// The query cargo sent (`q`, `per_page`, `page`), or why it is refused.
+    pub fn new(
+        q: Option<String>,
+        per_page: Option<u32>,
+        page: Option<u32>,
+    ) -> Result<SearchQuery, &'static str> {
+        let q = q.unwrap_or_default();
+        if q.trim().is_empty() {
+            return Err("missing search query `q`");
+        }
+        if q.len() > MAX_QUERY_LEN || q.contains('\0') {
+            return Err("search query too long or invalid");
+        }
+        Ok(SearchQuery {
+            q,
+            per_page: per_page.unwrap_or(10).clamp(1, MAX_PER_PAGE),
+            page: page.unwrap_or(1).max(1),
+        })
+    }
+}
+
+type SearchKey = SearchQuery;
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The answer cache (an identical query less than a minute ago).
+    Cache,
+    Upstream,
+    /// Built from what this proxy has cached: upstream failed.
+    Local,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::Upstream => "upstream",
+            Source::Local => "local",
+        }
+    }
+}
+
+/// Upstream's answer as it came: status and JSON body.
 #[derive(Debug, Clone)]
 struct Answer {
     status: u16,
     body: Bytes,
+}
+
+/// The outcome of a search.
+#[derive(Debug)]
+pub enum SearchAnswer {
+    /// A JSON body for cargo with upstream's status (200, or a 4xx about the query).
+    Found {
+        status: u16,
+        body: Bytes,
+        source: Source,
+    },
+    /// The upstream slot is further away than a client should wait.
+    RateLimited { retry_after: Duration },
+    /// The search task failed.
+    Failed,
 }
 
 pub struct Search {
@@ -107,7 +141,7 @@ pub struct Search {
     cache: Mutex<HashMap<SearchKey, (Instant, Answer)>>,
     flights: SingleFlight<SearchKey, Result<Answer, SearchFailure>>,
     index: Arc<IndexCache>,
-    crate_root: PathBuf,
+    crates: CrateStore,
 }
 
 #[derive(Debug, Clone)]
@@ -122,7 +156,7 @@ impl Search {
         api: url::Url,
         interval: Duration,
         index: Arc<IndexCache>,
-        crate_root: PathBuf,
+        crates: CrateStore,
     ) -> Search {
         Search {
             upstream,
@@ -131,7 +165,7 @@ impl Search {
             cache: Mutex::default(),
             flights: SingleFlight::default(),
             index,
-            crate_root,
+            crates,
         }
     }
 
@@ -158,80 +192,46 @@ impl Search {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct Params {
-    q: Option<String>,
-    per_page: Option<u32>,
-    page: Option<u32>,
-}
-
-async fn search(
-    State(st): State<AppState>,
-    params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Ok(Query(params)) = params else {
-        return json_error(StatusCode::BAD_REQUEST, "invalid query parameters");
-    };
-    let q = params.q.unwrap_or_default();
-    if q.trim().is_empty() {
-        return json_error(StatusCode::BAD_REQUEST, "missing search query `q`");
-    }
-    if q.len() > MAX_QUERY_LEN || q.contains('\0') {
-        return json_error(StatusCode::BAD_REQUEST, "search query too long or invalid");
-    }
-    let key = SearchKey {
-        q,
-        per_page: params.per_page.unwrap_or(10).clamp(1, MAX_PER_PAGE),
-        page: params.page.unwrap_or(1).max(1),
-    };
-    let search = st.search.clone();
-    if let Some(a) = search.cached(&key) {
-        return relay(a, "cache");
-    }
-    let s = search.clone();
-    let k = key.clone();
-    let (res, _) = search
-        .flights
-        .run(
-            key.clone(),
-            move || async move { ask_upstream(&s, &k).await },
-        )
-        .await;
-    match res {
-        Some(Ok(answer)) => {
-            if answer.status == 200 {
-                search.remember(key, answer.clone());
+impl Search {
+    /// Answers a search: from the answer cache, from upstream (one request at a time, spaced
+    /// by the rate limit, identical queries coalesced), or from the local caches.
+    pub async fn search(self: &Arc<Self>, query: &SearchQuery) -> SearchAnswer {
+        if let Some(a) = self.cached(query) {
+            return found(a, Source::Cache);
+        }
+        let (s, k) = (self.clone(), query.clone());
+        let (res, _) = self
+            .flights
+            .run(
+                query.clone(),
+                move || async move { ask_upstream(&s, &k).await },
+            )
+            .await;
+        match res {
+            Some(Ok(answer)) => {
+                if answer.status == 200 {
+                    self.remember(query.clone(), answer.clone());
+                }
+                found(answer, Source::Upstream)
             }
-            relay(answer, "upstream")
+            Some(Err(SearchFailure::RateLimited(retry_after))) => {
+                SearchAnswer::RateLimited { retry_after }
+            }
+            Some(Err(SearchFailure::Upstream(e))) => {
+                tracing::warn!(error = %e, "search upstream failed; answering from the cache");
+                found(local_answer(self, query).await, Source::Local)
+            }
+            None => SearchAnswer::Failed,
         }
-        Some(Err(SearchFailure::RateLimited(wait))) => {
-            let mut r = json_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many searches: crates.io allows one per second; try again shortly",
-            );
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            r
-        }
-        Some(Err(SearchFailure::Upstream(e))) => {
-            tracing::warn!(error = %e, "search upstream failed; answering from the cache");
-            local_answer(&search, &key).await
-        }
-        None => json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
     }
 }
 
-fn relay(answer: Answer, source: &'static str) -> Response {
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut r = (status, answer.body).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(SEARCH_HEADER, HeaderValue::from_static(source));
-    r
+fn found(answer: Answer, source: Source) -> SearchAnswer {
+    SearchAnswer::Found {
+        status: answer.status,
+        body: answer.body,
+        source,
+    }
 }
 
 async fn ask_upstream(search: &Search, key: &SearchKey) -> Result<Answer, SearchFailure> {
@@ -261,29 +261,36 @@ async fn ask_upstream(search: &Search, key: &SearchKey) -> Result<Answer, Search
     Ok(Answer { status, body })
 }
 
-/// Crates this proxy knows whose name contains the query (case, `-` and `_` ignored), with
-/// their newest non-yanked version from the cached index.
-async fn local_answer(search: &Search, key: &SearchKey) -> Response {
+/// Crates this proxy knows (index files it cached, crate files in the crate store, which
+/// with S3 are every replica's) whose name contains the query (case, `-` and `_` ignored),
+/// with their newest non-yanked version from the cached index.
+async fn local_answer(search: &Search, key: &SearchKey) -> Answer {
     let needle = normalize(&key.q);
     let index_root = search.index.store().root().to_path_buf();
-    let crate_root = search.crate_root.clone();
     let n = needle.clone();
-    let names = tokio::task::spawn_blocking(move || {
-        let needle = n;
+    let mut names = tokio::task::spawn_blocking(move || {
         let mut names: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (name, version) in walk_names(&index_root, false)
-            .into_iter()
-            .chain(walk_names(&crate_root, true))
-        {
-            if normalize(&name).contains(&needle) {
-                let e = names.entry(name).or_default();
-                e.extend(version);
+        for name in index_names(&index_root) {
+            if normalize(&name).contains(&n) {
+                names.entry(name).or_default();
             }
         }
         names
     })
     .await
     .unwrap_or_default();
+    match search.crates.list().await {
+        Ok(stored) => {
+            for c in stored {
+                let name = c.key.name().as_str();
+                if normalize(name).contains(&needle) {
+                    let versions = names.entry(name.to_string()).or_default();
+                    versions.push(c.key.version().as_str().to_string());
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot list the crate store for a local search"),
+    }
 
     let mut found = Vec::new();
     for (name, file_versions) in names {
@@ -322,54 +329,29 @@ async fn local_answer(search: &Search, key: &SearchKey) -> Response {
         })
         .collect();
     let body = serde_json::json!({ "crates": crates, "meta": { "total": total } }).to_string();
-    let mut r = (StatusCode::OK, body).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(SEARCH_HEADER, HeaderValue::from_static("local"));
-    r
+    Answer {
+        status: 200,
+        body: body.into(),
+    }
 }
 
 fn normalize(s: &str) -> String {
     s.trim().to_ascii_lowercase().replace('-', "_")
 }
 
-/// Names (and, for crate files, versions) found under a cache root. Index files are named
-/// after their crate; crate files are `{name}-{version}.crate` in a directory named after the
-/// crate. Blocking.
-fn walk_names(root: &std::path::Path, crate_files: bool) -> Vec<(String, Option<String>)> {
-    let mut out = Vec::new();
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            let Ok(ft) = entry.file_type() else { continue };
-            if ft.is_dir() {
-                if !name.starts_with('.') {
-                    dirs.push(entry.path());
-                }
-            } else if crate_files {
-                let parent = dir
-                    .file_name()
-                    .map(|p| p.to_string_lossy().to_string())
-                    .unwrap_or_default();
-                if let Some(v) = name
-                    .strip_prefix(&format!("{parent}-"))
-                    .and_then(|r| r.strip_suffix(".crate"))
-                {
-                    out.push((parent, Some(v.to_string())));
-                }
-            } else if name != "config.json" && name.parse::<CrateName>().is_ok() {
-                out.push((name, None));
-            }
+/// Names of the crates whose index files are cached under `root`. Blocking.
+fn index_names(root: &std::path::Path) -> Vec<String> {
+    match crate::storage::list_files(root) {
+        Ok(files) => files
+            .into_iter()
+            .filter_map(|f| f.rel.parse::<crate::names::IndexPath>().ok())
+            .map(|p| p.name().as_str().to_string())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the index cache for a local search");
+            Vec::new()
         }
     }
-    out
 }
 
 /// The highest version, preferring releases over pre-releases.

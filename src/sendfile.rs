@@ -217,6 +217,25 @@ pub fn expire_kept() {
     HOT.run_pending_tasks();
 }
 
+/// Kept mappings whose time is up are dropped even when the proxy is idle: every 10 s.
+pub fn spawn_expiry(
+    jobs: &tokio_util::task::TaskTracker,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    use crate::jobs::{FirstRun, spawn_scheduled};
+    spawn_scheduled(
+        jobs,
+        shutdown.clone(),
+        "sendfile-expiry",
+        "*/10 * * * * *".parse().expect("valid schedule"),
+        FirstRun::OnSchedule,
+        || async {
+            tokio::task::spawn_blocking(expire_kept).await?;
+            Ok(())
+        },
+    );
+}
+
 /// The file and offset that the memory at `ptr` maps, if it lies in a live mapping.
 fn lookup(ptr: *const u8) -> Option<(Arc<File>, u64)> {
     if LIVE.load(Ordering::Relaxed) == 0 {

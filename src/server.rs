@@ -18,10 +18,50 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::{TowerToHyperService, TowerToHyperServiceFuture};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::http::{AppState, router};
+
+/// Serves on an already-bound listener until `shutdown` is cancelled, with the background
+/// jobs the configuration enables. On shutdown the listener stops accepting, in-flight
+/// requests get up to `CRATERE_SHUTDOWN_GRACE` to finish, jobs stop; then it returns.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let config = state.config.clone();
+    let jobs = TaskTracker::new();
+    state.spawn_jobs(&jobs, &shutdown);
+    crate::sendfile::spawn_expiry(&jobs, &shutdown);
+    jobs.close();
+    let limits = Limits {
+        max_header_bytes: config.max_header_bytes,
+        max_headers: config.max_headers,
+        header_read_timeout: config.header_read_timeout,
+    };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    serve(
+        listener,
+        router(state),
+        limits,
+        tls,
+        shutdown.clone(),
+        config.shutdown_grace,
+    )
+    .await;
+    shutdown.cancel();
+    jobs.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
 
 /// TLS for the listener: certificate chain and key from PEM files, ALPN `h2` and `http/1.1`
 /// (cargo then negotiates HTTP/2 and multiplexes its requests over one connection).
-pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(cert)
@@ -68,7 +108,7 @@ pub struct Limits {
 }
 
 /// Serves `app` until `shutdown`; then waits up to `grace` for open connections to finish.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,

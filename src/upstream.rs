@@ -11,7 +11,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use crate::config::Config;
+use crate::jobs::{FirstRun, spawn_scheduled};
 use crate::metrics::{Kind, Metrics};
 use crate::names::{CrateName, Version};
 
@@ -93,6 +97,27 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// The health probe of a down upstream: checked every second, probing only when the
+/// breaker's back-off has elapsed.
+pub fn spawn_probe(upstream: Upstream, jobs: &TaskTracker, shutdown: &CancellationToken) {
+    spawn_scheduled(
+        jobs,
+        shutdown.clone(),
+        "upstream-probe",
+        "* * * * * *".parse().expect("valid schedule"),
+        FirstRun::OnSchedule,
+        move || {
+            let upstream = upstream.clone();
+            async move {
+                if upstream.breaker().probe_due() && !upstream.probe().await {
+                    anyhow::bail!("upstream still down");
+                }
+                Ok(())
+            }
+        },
+    );
 }
 
 /// HTTP validators upstream gave for an index file, replayed on revalidation.
@@ -385,8 +410,9 @@ impl Upstream {
         })
     }
 
-    /// Starts a crate download; the body is read with [`CrateBody::chunk`].
-    pub async fn fetch_crate(&self, url: Url) -> Result<CrateBody, UpstreamError> {
+    /// Starts a crate download; the body is read with [`CrateBody::chunk`]. `None`: upstream
+    /// has no such file (404).
+    pub async fn fetch_crate(&self, url: Url) -> Result<Option<CrateBody>, UpstreamError> {
         self.breaker.check()?;
         let permit = self.permit().await;
         let started = Instant::now();
@@ -399,14 +425,14 @@ impl Upstream {
         self.metrics
             .upstream_response(Kind::Crate, started.elapsed());
         match resp.status() {
-            StatusCode::OK => Ok(CrateBody {
+            StatusCode::OK => Ok(Some(CrateBody {
                 len: resp.content_length(),
                 response: resp,
                 _permit: permit,
-            }),
+            })),
             StatusCode::NOT_FOUND => {
                 self.answered();
-                Err(UpstreamError::Status(404))
+                Ok(None)
             }
             StatusCode::TOO_MANY_REQUESTS => {
                 let e = UpstreamError::RateLimited {

@@ -243,8 +243,30 @@ pub(crate) fn set_mtime(path: &Path, when: SystemTime, create: bool) -> io::Resu
     Ok(true)
 }
 
+/// The jobs of usage tracking: the adoption of a cache from before usage tracking (or from
+/// another tool), in the background so that startup does not grow with the cache (a cleanup
+/// that comes first adopts it itself); and the flusher.
+pub fn spawn_jobs(usage: Arc<Usage>, tracker: &TaskTracker, shutdown: &CancellationToken) {
+    let (adopting, stop) = (usage.clone(), shutdown.clone());
+    tracker.spawn(async move {
+        if adopting.is_tracked() {
+            return;
+        }
+        let adopt = tokio::task::spawn_blocking(move || adopting.adopt_untracked());
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            res = adopt => match res {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot record uses of the cached crates"),
+                Err(e) => tracing::warn!(error = %e, "adopting the cache failed"),
+            },
+        }
+    });
+    spawn_flusher(usage, tracker, shutdown.clone());
+}
+
 /// Flushes recorded uses every [`FLUSH_INTERVAL`] until `shutdown`, then once more.
-pub fn spawn_flusher(usage: Arc<Usage>, tracker: &TaskTracker, shutdown: CancellationToken) {
+fn spawn_flusher(usage: Arc<Usage>, tracker: &TaskTracker, shutdown: CancellationToken) {
     tracker.spawn(async move {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

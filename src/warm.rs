@@ -8,18 +8,12 @@
 //! [`IndexCache`]: crate::index_cache::IndexCache
 //! [`Downloads`]: crate::downloads::Downloads
 
-use std::collections::HashSet;
-use std::io::IsTerminal;
-use std::path::PathBuf;
-use std::process::ExitCode;
-
 use anyhow::Context;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::app::AppState;
-use crate::config::WarmArgs;
+use crate::core::Core;
 use crate::downloads::find_version;
 use crate::index_cache::IndexKey;
 use crate::names::{CrateKey, CrateName, Version};
@@ -121,7 +115,7 @@ pub struct WarmReport {
 /// Warms the cache with `packages`, at most `jobs` at once. `each` is told every result as
 /// it comes.
 pub async fn warm(
-    state: &AppState,
+    core: &Core,
     packages: Vec<Package>,
     jobs: usize,
     mut each: impl FnMut(&Package, &Result<Warmed, String>),
@@ -129,7 +123,7 @@ pub async fn warm(
     let mut report = WarmReport::default();
     let mut results = futures_util::stream::iter(packages)
         .map(|p| async move {
-            let res = warm_one(state, &p).await;
+            let res = warm_one(core, &p).await;
             (p, res)
         })
         .buffer_unordered(jobs.max(1));
@@ -148,16 +142,16 @@ pub async fn warm(
             Err(e) => report.failed.push((p, e)),
         }
     }
-    state.usage.flush().await;
+    core.usage.flush().await;
     report
 }
 
 /// The index file (with the locked version in it) and the verified crate file of one package.
-async fn warm_one(state: &AppState, p: &Package) -> Result<Warmed, String> {
+async fn warm_one(core: &Core, p: &Package) -> Result<Warmed, String> {
     let key = IndexKey::Crate(p.name.index_path());
     let mut listed = false;
     for force in [false, true] {
-        match state.index.get(&key, force).await {
+        match core.index.get(&key, force).await {
             Ok(Some((entry, _))) => {
                 if find_version(&entry.body, &p.name, &p.version).is_some() {
                     listed = true;
@@ -171,13 +165,13 @@ async fn warm_one(state: &AppState, p: &Package) -> Result<Warmed, String> {
     if !listed {
         return Err("the index does not list this version".into());
     }
-    let cached = state
+    let cached = core
         .downloads
         .ensure_cached(&p.name, &p.version)
         .await
         .map_err(|e| e.to_string())?;
     let rel = CrateKey::new(&p.name, &p.version).as_relative();
-    verify(state.downloads.store(), &rel, p.checksum.as_deref()).await?;
+    verify(&core.crates, &rel, p.checksum.as_deref()).await?;
     Ok(Warmed {
         fetched: cached.fetched,
         bytes: cached.len,
@@ -208,90 +202,6 @@ async fn verify(store: &CrateStore, rel: &str, checksum: Option<&str>) -> Result
         ));
     }
     Ok(())
-}
-
-/// `cratere warm`: reads the lockfiles, warms, prints progress (a bar on a terminal, one line
-/// per package otherwise) and a summary. Fails when any package failed.
-pub async fn command(args: WarmArgs) -> anyhow::Result<ExitCode> {
-    let mut packages = Vec::new();
-    let mut seen = HashSet::new();
-    let mut other_sources = 0;
-    for path in &args.lockfiles {
-        let lock = read_lockfile(path)?;
-        other_sources += lock.other_sources;
-        for p in lock.packages {
-            if seen.insert(CrateKey::new(&p.name, &p.version)) {
-                packages.push(p);
-            }
-        }
-    }
-    println!(
-        "warming {} crates.io packages from {} lockfile(s){}",
-        packages.len(),
-        args.lockfiles.len(),
-        if other_sources > 0 {
-            format!(" ({other_sources} packages from other sources skipped)")
-        } else {
-            String::new()
-        }
-    );
-    let state = AppState::new(args.config)?;
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(packages.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} {elapsed_precise} {wide_msg}",
-            )
-            .expect("valid template"),
-        );
-        Some(bar)
-    } else {
-        None
-    };
-    let report = warm(&state, packages, args.jobs, |p, res| {
-        let line = match res {
-            Ok(w) if w.fetched => format!("fetched {p} ({})", bytesize::ByteSize(w.bytes)),
-            Ok(_) => format!("cached  {p}"),
-            Err(e) => format!("FAILED  {p}: {e}"),
-        };
-        match &bar {
-            Some(bar) => {
-                if res.is_err() {
-                    bar.println(&line);
-                }
-                bar.set_message(p.to_string());
-                bar.inc(1);
-            }
-            None => println!("{line}"),
-        }
-    })
-    .await;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    println!(
-        "warm: {} fetched ({}), {} already cached, {} failed; {} of crate files for these lockfiles in {}",
-        report.fetched,
-        bytesize::ByteSize(report.bytes_fetched),
-        report.already_cached,
-        report.failed.len(),
-        bytesize::ByteSize(report.bytes_total),
-        state.downloads.store().describe(),
-    );
-    if report.failed.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        for (p, e) in &report.failed {
-            eprintln!("failed: {p}: {e}");
-        }
-        Ok(ExitCode::FAILURE)
-    }
-}
-
-fn read_lockfile(path: &PathBuf) -> anyhow::Result<Lockfile> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    parse_lockfile(&text).with_context(|| format!("{}", path.display()))
 }
 
 #[cfg(test)]

@@ -78,8 +78,8 @@ fn the_router_survives_hostile_paths() {
     cfg.upstream_connect_timeout = std::time::Duration::from_millis(200);
     cfg.upstream_api = "http://127.0.0.1:9/".parse().unwrap();
     cfg.search_interval = std::time::Duration::from_millis(1);
-    let state = rt.block_on(async { cratere::app::AppState::new(cfg).unwrap() });
-    let app = cratere::app::router(state);
+    let state = rt.block_on(async { cratere::http::AppState::new(cfg).unwrap() });
+    let app = cratere::http::router(state);
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(256));
     let strategy = (prop::collection::vec(piece(), 1..6), 0..4usize);
     runner

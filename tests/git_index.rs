@@ -732,7 +732,7 @@ async fn an_unreachable_upstream_leaves_the_last_mirror_and_everything_else_serv
     let mut config = Proxy::config(&up.url, &work.join("data-3"));
     config.git_index = true;
     config.upstream_git = work.join("gone").to_str().unwrap().parse().unwrap();
-    let hosts = cratere::sparse::PublicHosts::new(&config);
+    let hosts = cratere::hosts::PublicHosts::new(&config);
     GitIndex::new(&config, &hosts).sync().await.unwrap();
     config.upstream_git = upstream.dir.to_str().unwrap().parse().unwrap();
     let restarted = GitIndex::new(&config, &hosts);
@@ -741,7 +741,7 @@ async fn an_unreachable_upstream_leaves_the_last_mirror_and_everything_else_serv
     assert!(restarted.status().ready);
     // With another public URL, the mirror on disk has the wrong config.json: not ready.
     config.port += 1;
-    let moved = GitIndex::new(&config, &cratere::sparse::PublicHosts::new(&config));
+    let moved = GitIndex::new(&config, &cratere::hosts::PublicHosts::new(&config));
     moved.sync().await.unwrap_err();
     assert!(!moved.status().ready);
 
@@ -874,7 +874,7 @@ async fn hosts_removed_from_the_configuration_lose_their_refs() {
         HostPort::parse("alt.example:9000").unwrap(),
         HostPort::parse("gone.example").unwrap(),
     ]);
-    let hosts = cratere::sparse::PublicHosts::new(&config);
+    let hosts = cratere::hosts::PublicHosts::new(&config);
     let first = GitIndex::new(&config, &hosts);
     first.sync().await.unwrap();
     let repo = first.repo_path().to_path_buf();
@@ -885,7 +885,7 @@ async fn hosts_removed_from_the_configuration_lose_their_refs() {
     );
 
     config.alternate_hosts.0.pop();
-    let second = GitIndex::new(&config, &cratere::sparse::PublicHosts::new(&config));
+    let second = GitIndex::new(&config, &cratere::hosts::PublicHosts::new(&config));
     assert!(!second.sync().await.unwrap().changed);
     let refs = git(&repo, &["for-each-ref", "--format=%(refname)"]).await;
     assert!(!refs.contains("gone%2Eexample"), "{refs}");

@@ -63,6 +63,7 @@ async fn fetch(proxy: &Proxy, name: &str, version: &str, expected: &Bytes) -> St
 async fn cleanup(proxy: &Proxy) -> Pass {
     match proxy
         .state
+        .core
         .cleanup
         .run_once(false, &CancellationToken::new())
         .await
@@ -135,7 +136,7 @@ async fn recently_used_crates_survive_unused_ones_go_and_come_back() {
     assert!(index.join("br/ow/browsed").exists());
     assert!(!index.join("un/us/unused").exists());
     assert!(index.join("config.json").exists(), "never removed");
-    let last = proxy.state.cleanup.last().unwrap();
+    let last = proxy.state.core.cleanup.last().unwrap();
     assert_eq!((last.crate_files_removed, last.index_files_removed), (1, 1));
     assert_eq!(last.at, clock.now());
 
@@ -320,7 +321,7 @@ async fn untracked_files_count_as_used_at_startup() {
     let proxy = start(&up, dir.path(), &clock, None).await;
     // Adopted in the background right after startup (startup itself does not walk the cache).
     wait_until(
-        || proxy.state.usage.is_tracked(),
+        || proxy.state.core.usage.is_tracked(),
         "the adoption of the cache",
     )
     .await;
@@ -352,10 +353,11 @@ async fn a_cleanup_before_the_adoption_adopts_first() {
     set_mtime(&crate_file, clock.now() - days(400.0));
     // The state alone, no server: nothing has adopted the cache.
     let state =
-        cratere::app::AppState::with_clock(config(&up.url, dir.path(), 90.0, None), clock.clone())
+        cratere::http::AppState::with_clock(config(&up.url, dir.path(), 90.0, None), clock.clone())
             .unwrap();
-    assert!(!state.usage.is_tracked());
+    assert!(!state.core.usage.is_tracked());
     let Outcome::Done(pass) = state
+        .core
         .cleanup
         .run_once(false, &CancellationToken::new())
         .await
@@ -365,7 +367,7 @@ async fn a_cleanup_before_the_adoption_adopts_first() {
     };
     assert_eq!(pass.report.crate_files_removed, 0);
     assert!(crate_file.exists());
-    assert!(state.usage.is_tracked());
+    assert!(state.core.usage.is_tracked());
 }
 
 #[tokio::test]
@@ -382,7 +384,11 @@ async fn the_server_runs_cleanup_on_its_schedule() {
     clock.advance(days(91.0));
     let path = proxy.crate_path(&crate_rel("sched", "1.0.0"));
     wait_until(|| !path.exists(), "the scheduled cleanup").await;
-    wait_until(|| proxy.state.cleanup.last().is_some(), "a cleanup report").await;
+    wait_until(
+        || proxy.state.core.cleanup.last().is_some(),
+        "a cleanup report",
+    )
+    .await;
 }
 
 /// Runs the `cratere` binary on the data directory `data` (`crates/`, `index/`), with only
@@ -469,6 +475,7 @@ async fn two_cleanups_never_run_at_once() {
     lock.lock().unwrap();
     let outcome = proxy
         .state
+        .core
         .cleanup
         .run_once(false, &CancellationToken::new())
         .await
@@ -485,6 +492,7 @@ async fn two_cleanups_never_run_at_once() {
     assert!(matches!(
         proxy
             .state
+            .core
             .cleanup
             .run_once(false, &CancellationToken::new())
             .await

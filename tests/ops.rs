@@ -123,7 +123,13 @@ async fn cleanup_results_reach_the_metrics_and_the_status_page() {
         .await
         .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    proxy.state.cleanup.run_once(false, &stop).await.unwrap();
+    proxy
+        .state
+        .core
+        .cleanup
+        .run_once(false, &stop)
+        .await
+        .unwrap();
     assert_eq!(
         proxy
             .metric("cratere_cleanup_last_removed_files{kind=\"crate\"}")

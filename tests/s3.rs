@@ -91,17 +91,20 @@ async fn conformance(store: CrateStore) {
     assert_eq!(read_all(&store, &b).await.unwrap(), b_bytes);
 
     let mut listed = store.list().await.unwrap();
-    listed.sort_by(|x, y| x.rel.cmp(&y.rel));
-    let names: Vec<_> = listed.iter().map(|f| (f.rel.as_str(), f.len)).collect();
+    listed.sort_by_key(|x| x.key.as_relative());
+    let names: Vec<_> = listed
+        .iter()
+        .map(|f| (f.key.as_relative(), f.len))
+        .collect();
     let mut expected = vec![
-        (b.as_str(), b_bytes.len() as u64),
-        (a.as_str(), a_bytes.len() as u64),
+        (b.clone(), b_bytes.len() as u64),
+        (a.clone(), a_bytes.len() as u64),
     ];
     expected.sort();
     assert_eq!(names, expected);
     for f in &listed {
         assert_eq!(
-            store.last_use(&f.rel).await.unwrap(),
+            store.last_use(&f.key.as_relative()).await.unwrap(),
             Some(f.last_use),
             "last_use and list agree"
         );
@@ -119,9 +122,9 @@ async fn conformance(store: CrateStore) {
         .await;
     assert_eq!(store.last_use(&a).await.unwrap(), Some(later));
     let listed = store.list().await.unwrap();
-    let la = listed.iter().find(|f| f.rel == a).unwrap();
+    let la = listed.iter().find(|f| f.key.as_relative() == a).unwrap();
     assert_eq!(la.last_use, later);
-    let lb = listed.iter().find(|f| f.rel == b).unwrap();
+    let lb = listed.iter().find(|f| f.key.as_relative() == b).unwrap();
     assert!(lb.last_use < later);
 
     // A use of a crate that is not stored never makes it appear.
@@ -137,7 +140,7 @@ async fn conformance(store: CrateStore) {
     store.remove(&a).await.unwrap();
     let listed = store.list().await.unwrap();
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].rel, b);
+    assert_eq!(listed[0].key.as_relative(), b);
     // Stored again after a removal: a fresh last use (old records are gone with it).
     store.store(temp_with(&store, &a_bytes), &a).await.unwrap();
     assert!(store.last_use(&a).await.unwrap().unwrap() < later);
@@ -191,7 +194,7 @@ async fn s3_keys_live_under_the_prefix() {
     let proxy = Proxy::start_with(c).await;
     let r = proxy.get(&format!("{DL}/prefixed/1.0.0/download")).await;
     assert_eq!(r.bytes().await.unwrap(), bytes);
-    proxy.state.usage.flush().await;
+    proxy.state.core.usage.flush().await;
     let key = format!("team/cratere/{}", crate_rel("prefixed", "1.0.0"));
     assert_eq!(s3.get(&key).await.unwrap(), bytes);
     assert!(
@@ -378,6 +381,7 @@ async fn a_replica_killed_mid_download_leaves_nothing_in_the_bucket() {
 
 async fn run_cleanup(p: &Proxy) -> Outcome {
     p.state
+        .core
         .cleanup
         .run_once(false, &CancellationToken::new())
         .await
@@ -412,7 +416,7 @@ async fn cleanup_with_two_replicas_keeps_what_either_used() {
         assert_eq!(&r.bytes().await.unwrap(), d);
     }
     wait_until_async_count(&s3, 3).await;
-    a.state.usage.flush().await;
+    a.state.core.usage.flush().await;
 
     clock.advance(days(60.0));
     for (p, n) in [(&a, "onlya"), (&b, "onlyb")] {
@@ -421,7 +425,7 @@ async fn cleanup_with_two_replicas_keeps_what_either_used() {
         r.bytes().await.unwrap();
     }
     // Replica b writes its uses every 5 s (here: now); a's pass flushes a's own.
-    b.state.usage.flush().await;
+    b.state.core.usage.flush().await;
     clock.advance(days(40.0));
 
     let Outcome::Done(pass) = run_cleanup(&a).await else {
@@ -477,10 +481,10 @@ async fn one_cleanup_at_a_time_across_replicas() {
         clock.clone(),
     )
     .await;
-    let CrateStore::S3(a_store) = a.state.downloads.store().clone() else {
+    let CrateStore::S3(a_store) = a.state.core.crates.clone() else {
         panic!("not s3")
     };
-    let CrateStore::S3(b_store) = b.state.downloads.store().clone() else {
+    let CrateStore::S3(b_store) = b.state.core.crates.clone() else {
         panic!("not s3")
     };
     let stop = CancellationToken::new();
@@ -724,7 +728,7 @@ async fn the_local_cache_in_front_of_the_bucket_serves_hits_and_stays_bounded() 
     )
     .await;
     assert!(local(&a, "loca").exists());
-    let CrateStore::S3(store) = a.state.downloads.store().clone() else {
+    let CrateStore::S3(store) = a.state.core.crates.clone() else {
         panic!("not s3")
     };
     common::wait_until(

@@ -99,7 +99,7 @@ async fn cargo_fetches_over_http2_only(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let m = &proxy.state.metrics;
+    let m = &proxy.state.core.metrics;
     use cratere::metrics::{Kind, Outcome};
     assert_eq!(m.cache_count(Kind::Crate, Outcome::Miss), 3);
     let text = m.encode();
@@ -192,7 +192,7 @@ async fn plain_http_upgrades_to_h2c_for_curl() {
         std::fs::read(out_dir.join("h2c-again.crate")).unwrap(),
         body
     );
-    let text = proxy.state.metrics.encode();
+    let text = proxy.state.core.metrics.encode();
     assert!(
         text.contains("cratere_http_requests_by_version_total{version=\"HTTP/2.0\"} 3"),
         "{text}"

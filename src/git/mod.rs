@@ -1,5 +1,5 @@
 //! The git index: a mirror of the upstream git index with `config.json` rewritten for each
-//! public host ([`mirror`]), served over git smart HTTP at `/crates.io-index` ([`http`]).
+//! public host ([`mirror`]), served over git smart HTTP through `git http-backend` ([`backend`]).
 //!
 //! Layout: ONE bare repository, `$CRATERE_INDEX/git/crates.io-index.git`, so every host shares
 //! one object store (the crates.io index is well over 1 GB; the per-host part is one commit,
@@ -17,7 +17,7 @@
 //! `git http-backend` runs with `GIT_NAMESPACE=<ns>`, so each host sees only its own refs.
 //! See docs/GIT_INDEX.md for the whole design.
 
-pub mod http;
+pub mod backend;
 pub mod mirror;
 pub mod process;
 
@@ -29,9 +29,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use crate::config::{Config, GitRemote};
-use crate::jobs::Schedule;
-use crate::sparse::PublicHosts;
+use crate::hosts::PublicHosts;
+use crate::jobs::{FirstRun, Schedule, spawn_scheduled};
 
 /// Directory name of the mirror repository under `$CRATERE_INDEX/git/`.
 pub const REPO_DIR: &str = "crates.io-index.git";
@@ -134,6 +137,22 @@ pub struct SyncStatus {
     pub failures: u64,
 }
 
+/// Why the git index cannot answer a request.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// Before the first sync has published every host's refs.
+    #[error(
+        "the git index is not ready: the first sync from upstream has not completed yet; \
+         use the sparse index at /index/ meanwhile"
+    )]
+    NotReady { retry_after_secs: u64 },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// `git http-backend` could not be started or answered nonsense.
+    #[error("{0}")]
+    Backend(String),
+}
+
 /// The git index mirror and its server side.
 pub struct GitIndex {
     /// `$CRATERE_INDEX/git`: `GIT_PROJECT_ROOT` for http-backend, home of the sync lock.
@@ -207,6 +226,17 @@ impl GitIndex {
         self.backends.lock().unwrap().iter().copied().collect()
     }
 
+    /// `Ok` once the mirror serves every host (see [`SyncStatus::ready`]).
+    pub fn check_ready(&self) -> Result<(), GitError> {
+        if self.status.borrow().ready {
+            Ok(())
+        } else {
+            Err(GitError::NotReady {
+                retry_after_secs: self.retry_after_secs(),
+            })
+        }
+    }
+
     /// Seconds a client should wait before retrying while the mirror is not ready: until the
     /// next scheduled sync, within 5 s..5 min.
     pub fn retry_after_secs(&self) -> u64 {
@@ -217,6 +247,29 @@ impl GitIndex {
             .unwrap_or(60)
             .clamp(5, 300) as u64
     }
+}
+
+/// The sync job: at startup, then on `CRATERE_INDEX_UPDATE_SCHEDULE`. Shutdown does not wait
+/// for a long fetch: dropping the sync kills git.
+pub fn spawn_sync(git: Arc<GitIndex>, jobs: &TaskTracker, shutdown: &CancellationToken) {
+    let token = shutdown.clone();
+    let schedule = git.schedule().clone();
+    spawn_scheduled(
+        jobs,
+        shutdown.clone(),
+        "git-index-sync",
+        schedule,
+        FirstRun::Immediately,
+        move || {
+            let (git, token) = (git.clone(), token.clone());
+            async move {
+                tokio::select! {
+                    res = git.sync() => res.map(|_| ()),
+                    _ = token.cancelled() => Ok(()),
+                }
+            }
+        },
+    );
 }
 
 #[cfg(test)]

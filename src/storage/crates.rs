@@ -23,6 +23,7 @@ use tempfile::NamedTempFile;
 use super::FsStore;
 use super::s3::S3Crates;
 use crate::config::{Config, StorageKind};
+use crate::names::CrateKey;
 
 /// Crate files, on disk or in S3. Cheap to clone.
 #[derive(Clone)]
@@ -85,8 +86,7 @@ impl StoredCrate {
 /// A stored crate found by [`CrateStore::list`].
 #[derive(Debug, Clone)]
 pub struct CrateInfo {
-    /// Key relative to the store (`se/rd/serde/serde-1.0.200.crate`).
-    pub rel: String,
+    pub key: CrateKey,
     pub len: u64,
     /// Last recorded use.
     pub last_use: SystemTime,
@@ -207,11 +207,12 @@ impl CrateStore {
                     .map_err(io::Error::other)??;
                 Ok(files
                     .into_iter()
-                    .filter(|f| f.rel.ends_with(".crate"))
-                    .map(|f| CrateInfo {
-                        rel: f.rel,
-                        len: f.len,
-                        last_use: f.modified,
+                    .filter_map(|f| {
+                        Some(CrateInfo {
+                            key: f.rel.parse().ok()?,
+                            len: f.len,
+                            last_use: f.modified,
+                        })
                     })
                     .collect())
             }

@@ -334,10 +334,12 @@ impl S3Crates {
         Ok(scan
             .crates
             .iter()
-            .map(|(rel, len, stored)| CrateInfo {
-                rel: rel.clone(),
-                len: *len,
-                last_use: newest(scan.records.get(rel)).map_or(*stored, |t| t.max(*stored)),
+            .filter_map(|(rel, len, stored)| {
+                Some(CrateInfo {
+                    key: rel.parse().ok()?,
+                    len: *len,
+                    last_use: newest(scan.records.get(rel)).map_or(*stored, |t| t.max(*stored)),
+                })
             })
             .collect())
     }

@@ -494,7 +494,7 @@ pub struct Proxy {
     pub url: String,
     pub addr: SocketAddr,
     pub dir: PathBuf,
-    pub state: cratere::app::AppState,
+    pub state: cratere::http::AppState,
     token: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -543,16 +543,20 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         config.port = addr.port();
         let dir = config.cache.parent().unwrap().to_path_buf();
-        let state = cratere::app::AppState::with_clock(config, clock).unwrap();
+        let state = cratere::http::AppState::with_clock(config, clock).unwrap();
         let token = CancellationToken::new();
         let (s, t) = (state.clone(), token.clone());
         let task = tokio::spawn(async move {
-            cratere::app::run(listener, s, t).await.unwrap();
+            cratere::server::run(listener, s, t).await.unwrap();
         });
         // Startup is settled once the background adoption of the cache has written its
         // marker (at once on an empty cache), so tests that compare the cache see only their
         // requests' doing.
-        wait_until(|| state.usage.is_tracked(), "the adoption of the cache").await;
+        wait_until(
+            || state.core.usage.is_tracked(),
+            "the adoption of the cache",
+        )
+        .await;
         Proxy {
             url: format!("http://{addr}"),
             addr,

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Uri, header};
 use axum::response::{Html, IntoResponse};
 
-use crate::app::AppState;
+use super::{AppState, requested_host};
 use crate::metrics::{Kind, Metrics, Outcome};
 
 fn esc(s: &str) -> String {
@@ -83,13 +83,11 @@ fn chart(traffic: &[(u64, u64)]) -> String {
 }
 
 pub async fn page(State(st): State<AppState>, uri: Uri, headers: HeaderMap) -> impl IntoResponse {
-    let base = st
-        .hosts
-        .base_url_for(crate::sparse::requested_host(&uri, &headers));
-    let m = &st.metrics;
+    let base = st.hosts.base_url_for(requested_host(&uri, &headers));
+    let m = &st.core.metrics;
     let (files, bytes, scanned) = m.cache_size();
     let (ok, err, err_text) = m.upstream_health();
-    let upstream_state = if st.downloads.upstream().breaker().is_open() {
+    let upstream_state = if st.core.upstream.breaker().is_open() {
         format!(
             r#"<span class="bad">down</span> — serving from the cache, probing; last error {}: {}"#,
             esc(&ago(err)),
@@ -145,7 +143,7 @@ pub async fn page(State(st): State<AppState>, uri: Uri, headers: HeaderMap) -> i
             format!("{state}; {last}")
         }
     };
-    let cleanup = match st.cleanup.last() {
+    let cleanup = match st.core.cleanup.last() {
         None => "not run yet".to_string(),
         Some(r) => format!(
             "{} — removed {} crate files ({}) and {} index files in {:.1} s",

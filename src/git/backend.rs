@@ -1,33 +1,23 @@
-//! Git smart HTTP at `/crates.io-index` (and `/crates.io-index.git`): `GET info/refs?service=
-//! git-upload-pack` and `POST git-upload-pack`, each answered by one `git http-backend` (CGI)
-//! run with the namespace of the host the client used. Protocol v0 (libgit2, cargo's default)
-//! and v2 (the git CLI's `Git-Protocol: version=2`, passed on as `GIT_PROTOCOL`); gzip request
+//! Git smart HTTP, driven through `git http-backend` (CGI): one process per request, run with
+//! the namespace of the host the client used. Protocol v0 (libgit2, cargo's default) and v2
+//! (the git CLI's `Git-Protocol: version=2`, passed on as `GIT_PROTOCOL`); gzip request
 //! bodies are inflated by http-backend. Request bodies stream into the process, its output
-//! streams to the client; a client that goes away gets the process group killed.
+//! streams out; dropping the response body (the client went away) kills the process group.
+//! The routes at `/crates.io-index` are in [`crate::http`]; nothing here knows the router.
 
 use std::collections::HashSet;
+use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::Response;
-use axum::routing::{any, get, post};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{ChildStdout, Command};
 
-use super::GitIndex;
 use super::process::{GitChild, config_env};
-use crate::app::AppState;
-use crate::error::AppError;
-use crate::sparse::requested_host;
-
-/// The two URL prefixes cargo users write (`registry = "http://HOST/crates.io-index"`).
-const PREFIXES: [&str; 2] = ["/crates.io-index", "/crates.io-index.git"];
+use super::{GitError, GitIndex};
 
 /// Configuration of `git http-backend` and the upload-pack it runs.
 const SERVE_CONFIG: &[(&str, &str)] = &[
@@ -45,104 +35,38 @@ const MAX_CGI_HEADER: usize = 16 * 1024;
 /// Largest `Git-Protocol` header passed on.
 const MAX_GIT_PROTOCOL: usize = 256;
 
-pub fn router() -> Router<AppState> {
-    let mut r = Router::new();
-    for p in PREFIXES {
-        r = r
-            .route(&format!("{p}/info/refs"), get(info_refs))
-            .route(&format!("{p}/git-upload-pack"), post(upload_pack))
-            .route(&format!("{p}/{{*rest}}"), any(other));
-    }
-    r
+/// The headers of http-backend's answer that are passed on to the client.
+const PASSED_HEADERS: [&str; 4] = ["content-type", "cache-control", "expires", "pragma"];
+
+/// The two requests of git smart HTTP that a read-only mirror serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// `GET info/refs?service=git-upload-pack`: the ref advertisement.
+    Advertisement,
+    /// `POST git-upload-pack`: negotiation and the pack.
+    UploadPack,
 }
 
-fn git_index(st: &AppState) -> Result<&GitIndex, AppError> {
-    let git = st.git.as_deref().ok_or_else(|| {
-        AppError::NotFound("the git index is disabled here (CRATERE_GIT_INDEX=false)".into())
-    })?;
-    if !git.status.borrow().ready {
-        return Err(AppError::Unavailable {
-            reason: "the git index is not ready: the first sync from upstream has not \
-                     completed yet; use the sparse index at /index/ meanwhile"
-                .into(),
-            retry_after_secs: git.retry_after_secs(),
-        });
-    }
-    Ok(git)
+/// One smart-HTTP request, as http-backend needs it.
+pub struct CgiRequest<'a> {
+    pub service: Service,
+    /// The git namespace of the host the client used ([`super::HostView::namespace`]).
+    pub namespace: &'a str,
+    pub content_type: Option<&'a str>,
+    pub content_encoding: Option<&'a str>,
+    pub git_protocol: Option<&'a str>,
+    /// The request body (upload-pack only).
+    pub body: Option<BoxStream<'static, io::Result<Bytes>>>,
 }
 
-async fn info_refs(
-    State(st): State<AppState>,
-    RawQuery(query): RawQuery,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Result<Response, AppError> {
-    let service = query.as_deref().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "service")
-            .map(|(_, v)| v.into_owned())
-    });
-    match service.as_deref() {
-        Some("git-upload-pack") => {}
-        Some("git-receive-pack") => return Err(read_only()),
-        _ => {
-            return Err(AppError::NotFound(
-                "only git smart HTTP is served here (info/refs?service=git-upload-pack)".into(),
-            ));
-        }
-    }
-    let git = git_index(&st)?;
-    let host = git.host(&st.hosts.base_url_for(requested_host(&uri, &headers)));
-    let req = CgiRequest {
-        method: Method::GET,
-        path_info: "info/refs",
-        query: "service=git-upload-pack",
-        namespace: &host.namespace,
-        headers: &headers,
-        body: None,
-    };
-    git.backend(req).await
-}
+/// Passed-on headers: a lowercase name from [`PASSED_HEADERS`] and its value.
+pub type Headers = Vec<(&'static str, String)>;
 
-async fn upload_pack(
-    State(st): State<AppState>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, AppError> {
-    let git = git_index(&st)?;
-    let host = git.host(&st.hosts.base_url_for(requested_host(&uri, &headers)));
-    let req = CgiRequest {
-        method: Method::POST,
-        path_info: "git-upload-pack",
-        query: "",
-        namespace: &host.namespace,
-        headers: &headers,
-        body: Some(body),
-    };
-    git.backend(req).await
-}
-
-async fn other(uri: Uri) -> AppError {
-    if uri.path().ends_with("/git-receive-pack") {
-        read_only()
-    } else {
-        AppError::NotFound("only git smart HTTP (git-upload-pack) is served here".into())
-    }
-}
-
-fn read_only() -> AppError {
-    AppError::Forbidden("this git index is a read-only mirror: pushing is not allowed".into())
-}
-
-struct CgiRequest<'a> {
-    method: Method,
-    /// Below the repository: `info/refs` or `git-upload-pack`.
-    path_info: &'static str,
-    query: &'static str,
-    namespace: &'a str,
-    headers: &'a HeaderMap,
-    body: Option<Body>,
+/// http-backend's answer: its status, the headers passed on, and its output as it comes.
+pub struct CgiResponse {
+    pub status: u16,
+    pub headers: Headers,
+    pub body: BoxStream<'static, io::Result<Bytes>>,
 }
 
 /// Removes a backend's pid from the live set when its response ends or is dropped.
@@ -153,22 +77,22 @@ struct Tracked {
 
 impl GitIndex {
     /// Runs `git http-backend` for one request and streams its answer.
-    async fn backend(&self, req: CgiRequest<'_>) -> Result<Response, AppError> {
-        let header_str = |name: &str| {
-            req.headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-        };
-        let encoding = header_str("content-encoding").unwrap_or("");
+    pub async fn backend(&self, req: CgiRequest<'_>) -> Result<CgiResponse, GitError> {
+        let encoding = req.content_encoding.map(str::trim).unwrap_or("");
         if !matches!(encoding, "" | "identity" | "gzip" | "x-gzip") {
-            return Err(AppError::BadRequest(format!(
+            return Err(GitError::BadRequest(format!(
                 "unsupported Content-Encoding `{encoding}` (gzip is)"
             )));
         }
-        let protocol = header_str("git-protocol")
+        let protocol = req
+            .git_protocol
+            .map(str::trim)
             .filter(|p| p.len() <= MAX_GIT_PROTOCOL)
             .unwrap_or("");
+        let (method, path_info, query) = match req.service {
+            Service::Advertisement => ("GET", "info/refs", "service=git-upload-pack"),
+            Service::UploadPack => ("POST", "git-upload-pack", ""),
+        };
 
         let mut cmd = Command::new("git");
         cmd.arg("http-backend")
@@ -182,13 +106,13 @@ impl GitIndex {
             .env("GIT_PROJECT_ROOT", &self.root)
             .env("GIT_HTTP_EXPORT_ALL", "1")
             .env("GIT_NAMESPACE", req.namespace)
+            .env("PATH_INFO", format!("/{}/{path_info}", super::REPO_DIR))
+            .env("REQUEST_METHOD", method)
+            .env("QUERY_STRING", query)
             .env(
-                "PATH_INFO",
-                format!("/{}/{}", super::REPO_DIR, req.path_info),
+                "CONTENT_TYPE",
+                req.content_type.map(str::trim).unwrap_or(""),
             )
-            .env("REQUEST_METHOD", req.method.as_str())
-            .env("QUERY_STRING", req.query)
-            .env("CONTENT_TYPE", header_str("content-type").unwrap_or(""))
             .env("GIT_PROTOCOL", protocol)
             .stdin(if req.body.is_some() {
                 std::process::Stdio::piped()
@@ -201,7 +125,7 @@ impl GitIndex {
             cmd.env("HTTP_CONTENT_ENCODING", encoding);
         }
         let mut child = GitChild::spawn(&mut cmd)
-            .map_err(|e| AppError::Internal(anyhow::anyhow!("starting git http-backend: {e}")))?;
+            .map_err(|e| GitError::Backend(format!("starting git http-backend: {e}")))?;
         let tracked = Tracked {
             live: self.backends.clone(),
             pid: child.id(),
@@ -213,8 +137,7 @@ impl GitIndex {
         // Request body → stdin, in its own task (http-backend reads all of it before
         // upload-pack answers). Aborted with the response.
         let pump = match (req.body, child.child_mut().stdin.take()) {
-            (Some(body), Some(mut stdin)) => Some(tokio::spawn(async move {
-                let mut body = body.into_data_stream();
+            (Some(mut body), Some(mut stdin)) => Some(tokio::spawn(async move {
                 while let Some(chunk) = body.next().await {
                     let Ok(chunk) = chunk else {
                         // The client's request broke off: close stdin early; git reports a
@@ -246,11 +169,11 @@ impl GitIndex {
 
         let stdout = child.child_mut().stdout.take().expect("piped");
         let mut stdout = BufReader::with_capacity(64 * 1024, stdout);
-        let head = read_cgi_header(&mut stdout).await.map_err(|e| {
-            AppError::Internal(anyhow::anyhow!("reading git http-backend's headers: {e}"))
-        })?;
+        let head = read_cgi_header(&mut stdout)
+            .await
+            .map_err(|e| GitError::Backend(format!("reading git http-backend's headers: {e}")))?;
         let (status, headers) = parse_cgi_header(&head)
-            .map_err(|e| AppError::Internal(anyhow::anyhow!("git http-backend: {e}")))?;
+            .map_err(|e| GitError::Backend(format!("git http-backend: {e}")))?;
 
         let state = BodyState {
             stdout,
@@ -276,10 +199,11 @@ impl GitIndex {
                 Err(e) => Some((Err(e), None)),
             }
         });
-        let mut resp = Response::new(Body::from_stream(stream));
-        *resp.status_mut() = status;
-        resp.headers_mut().extend(headers);
-        Ok(resp)
+        Ok(CgiResponse {
+            status,
+            headers,
+            body: stream.boxed(),
+        })
     }
 }
 
@@ -331,11 +255,11 @@ async fn read_cgi_header(r: &mut BufReader<ChildStdout>) -> std::io::Result<Vec<
 }
 
 /// Parses a CGI header block: `Status: 403 Forbidden` (default 200) and the headers the
-/// response passes on.
-fn parse_cgi_header(head: &[u8]) -> Result<(StatusCode, HeaderMap), String> {
+/// response passes on ([`PASSED_HEADERS`]).
+fn parse_cgi_header(head: &[u8]) -> Result<(u16, Headers), String> {
     let text = std::str::from_utf8(head).map_err(|_| "headers are not UTF-8".to_string())?;
-    let mut status = StatusCode::OK;
-    let mut headers = HeaderMap::new();
+    let mut status = 200;
+    let mut headers = Vec::new();
     for line in text.lines() {
         let line = line.trim_end_matches('\r');
         if line.is_empty() {
@@ -350,22 +274,18 @@ fn parse_cgi_header(head: &[u8]) -> Result<(StatusCode, HeaderMap), String> {
             status = code
                 .parse::<u16>()
                 .ok()
-                .and_then(|c| StatusCode::from_u16(c).ok())
+                .filter(|c| (100..=599).contains(c))
                 .ok_or_else(|| format!("bad status `{value}`"))?;
             continue;
         }
-        let name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| format!("bad header name `{name}`"))?;
-        if [
-            header::CONTENT_TYPE,
-            header::CACHE_CONTROL,
-            header::EXPIRES,
-            header::PRAGMA,
-        ]
-        .contains(&name)
+        if let Some(passed) = PASSED_HEADERS
+            .iter()
+            .find(|p| p.eq_ignore_ascii_case(name.trim()))
         {
-            let value = HeaderValue::from_str(value).map_err(|_| format!("bad value of {name}"))?;
-            headers.append(name, value);
+            if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+                return Err(format!("bad value of {passed}"));
+            }
+            headers.push((*passed, value.to_string()));
         }
     }
     Ok((status, headers))
@@ -383,17 +303,19 @@ mod tests {
               Content-Type: application/x-git-upload-pack-advertisement\r\n\r\n",
         )
         .unwrap();
-        assert_eq!(s, StatusCode::OK);
+        let get =
+            |h: &[(&str, String)], n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone());
+        assert_eq!(s, 200);
         assert_eq!(
-            h[header::CONTENT_TYPE],
+            get(&h, "content-type").unwrap(),
             "application/x-git-upload-pack-advertisement"
         );
-        assert_eq!(h[header::PRAGMA], "no-cache");
+        assert_eq!(get(&h, "pragma").unwrap(), "no-cache");
         let (s, h) =
             parse_cgi_header(b"Status: 403 Forbidden\nContent-Type: text/plain\nX-Other: 1\n\n")
                 .unwrap();
-        assert_eq!(s, StatusCode::FORBIDDEN);
-        assert!(h.get("x-other").is_none());
+        assert_eq!(s, 403);
+        assert!(get(&h, "x-other").is_none());
         assert!(parse_cgi_header(b"Status: abc\r\n\r\n").is_err());
         assert!(parse_cgi_header(b"no colon\r\n\r\n").is_err());
     }

@@ -1,8 +1,12 @@
-//! The one error type at the HTTP edge, with its single status mapping.
+//! The one error type at the HTTP edge, with its single status mapping. Services return
+//! their own errors ([`DownloadError`], [`GitError`], [`UpstreamError`]); they become
+//! statuses here and nowhere else.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::downloads::DownloadError;
+use crate::git::GitError;
 use crate::names::NameError;
 use crate::upstream::UpstreamError;
 
@@ -37,9 +41,29 @@ impl From<NameError> for AppError {
     }
 }
 
-impl From<std::io::Error> for AppError {
-    fn from(e: std::io::Error) -> Self {
-        AppError::Internal(e.into())
+impl From<DownloadError> for AppError {
+    fn from(e: DownloadError) -> Self {
+        match e {
+            DownloadError::NotFound(m) => AppError::NotFound(m),
+            DownloadError::Upstream(e) => AppError::Upstream(e),
+            DownloadError::Checksum => AppError::ChecksumMismatch,
+            e @ (DownloadError::Store(_) | DownloadError::Internal(_)) => {
+                AppError::Internal(e.into())
+            }
+        }
+    }
+}
+
+impl From<GitError> for AppError {
+    fn from(e: GitError) -> Self {
+        match e {
+            GitError::NotReady { retry_after_secs } => AppError::Unavailable {
+                reason: e.to_string(),
+                retry_after_secs,
+            },
+            GitError::BadRequest(m) => AppError::BadRequest(m),
+            GitError::Backend(_) => AppError::Internal(e.into()),
+        }
     }
 }
 

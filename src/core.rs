@@ -1,0 +1,130 @@
+//! What every command shares, built once from the settings: the stores and their lifecycle
+//! ([`Lifecycle`]: what `cratere cleanup` needs), and on top of them the upstream client, the
+//! index cache and the downloads ([`Core`]: what `cratere warm` and the server need). The
+//! server adds the public hosts, search, the git mirror and the HTTP layer
+//! ([`crate::http::AppState`]).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cleanup::{Cleanup, Rules};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::downloads::Downloads;
+use crate::index_cache::IndexCache;
+use crate::jobs::Schedule;
+use crate::metrics::Metrics;
+use crate::storage::{CrateStore, FsStore};
+use crate::upstream::Upstream;
+use crate::usage::Usage;
+
+/// The caches on disk (or in the bucket), the record of their use and their cleanup.
+pub struct Lifecycle {
+    pub crates: CrateStore,
+    /// The sparse index cache, `$CRATERE_INDEX/sparse`.
+    pub index_store: FsStore,
+    pub usage: Arc<Usage>,
+    pub cleanup: Arc<Cleanup>,
+}
+
+impl Lifecycle {
+    /// Opens the stores (creating directories, clearing abandoned temp files). Crate files
+    /// without a usage record yet are adopted by [`crate::usage::spawn_jobs`] in the
+    /// background, or by the first cleanup, whichever comes first.
+    pub fn open(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Lifecycle> {
+        let crates = CrateStore::open(config)?;
+        let index_store = FsStore::open(&config.index.join("sparse"))
+            .with_context(|| format!("CRATERE_INDEX={}", config.index.display()))?;
+        let usage = Arc::new(Usage::new(crates.clone(), index_store.root(), clock));
+        let cleanup = Arc::new(Cleanup::new(
+            crates.clone(),
+            index_store.root(),
+            usage.clone(),
+            Rules::from_config(config),
+        ));
+        Ok(Lifecycle {
+            crates,
+            index_store,
+            usage,
+            cleanup,
+        })
+    }
+}
+
+/// The caching proxy without its HTTP side. Cheap to clone.
+#[derive(Clone)]
+pub struct Core {
+    pub crates: CrateStore,
+    pub usage: Arc<Usage>,
+    pub cleanup: Arc<Cleanup>,
+    pub metrics: Arc<Metrics>,
+    pub upstream: Upstream,
+    pub index: Arc<IndexCache>,
+    pub downloads: Arc<Downloads>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Core {
+    /// [`Lifecycle::open`], plus the upstream client, the index cache and the downloads.
+    pub fn open(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Core> {
+        let Lifecycle {
+            crates,
+            index_store,
+            usage,
+            cleanup,
+        } = Lifecycle::open(config, clock.clone())?;
+        let metrics = Arc::new(Metrics::new());
+        let upstream =
+            Upstream::new(config, metrics.clone()).context("building the upstream HTTP client")?;
+        let index = Arc::new(IndexCache::new(
+            index_store,
+            upstream.clone(),
+            config.index_ttl,
+            metrics.clone(),
+            usage.clone(),
+            config.index_memory_cache,
+            clock.clone(),
+        ));
+        let downloads = Arc::new(Downloads::new(
+            crates.clone(),
+            index.clone(),
+            upstream.clone(),
+            config.upstream_dl.clone(),
+            metrics.clone(),
+            usage.clone(),
+        ));
+        Ok(Core {
+            crates,
+            usage,
+            cleanup,
+            metrics,
+            upstream,
+            index,
+            downloads,
+            clock,
+        })
+    }
+
+    /// The background jobs of the core, each spawned by the feature that owns it: the health
+    /// probe of a down upstream, usage adoption and flushing, the cache-size walk and the
+    /// scheduled cleanup (`None`: never).
+    pub fn spawn_jobs(
+        &self,
+        cleanup_schedule: Option<Schedule>,
+        jobs: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        crate::upstream::spawn_probe(self.upstream.clone(), jobs, shutdown);
+        crate::usage::spawn_jobs(self.usage.clone(), jobs, shutdown);
+        crate::cleanup::spawn_jobs(
+            self.cleanup.clone(),
+            self.metrics.clone(),
+            cleanup_schedule,
+            jobs,
+            shutdown,
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! The access log: one line per request (target `cratere::access`), written when the
+//! response body has been sent (or abandoned), with its real size and duration; the request
+//! counters of [`Metrics`] are fed from the same place.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+use super::CACHE_HEADER;
+use crate::metrics::Metrics;
+
+/// Middleware: counts the request in the metrics and logs one access line when its body ends.
+pub async fn access_log(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let version = match req.version() {
+        axum::http::Version::HTTP_2 => "HTTP/2.0",
+        axum::http::Version::HTTP_10 => "HTTP/1.0",
+        axum::http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    };
+    metrics.request_version(version);
+    let path = req.uri().path().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_string();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let cache = resp
+        .headers()
+        .get(CACHE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let expected = resp
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let (parts, body) = resp.into_parts();
+    let record = AccessRecord {
+        expected,
+        metrics,
+        start,
+        method: method.to_string(),
+        version,
+        path,
+        route,
+        status,
+        cache,
+        bytes: 0,
+        complete: false,
+    };
+    Response::from_parts(
+        parts,
+        Body::new(LoggedBody {
+            inner: body,
+            record: Some(record),
+        }),
+    )
+}
+
+struct AccessRecord {
+    metrics: Arc<Metrics>,
+    /// Content-Length, when the response has one.
+    expected: Option<u64>,
+    start: Instant,
+    method: String,
+    version: &'static str,
+    path: String,
+    route: String,
+    status: u16,
+    cache: String,
+    bytes: u64,
+    complete: bool,
+}
+
+impl AccessRecord {
+    fn finish(self) {
+        let hit = self.cache == "hit";
+        self.metrics.request(&self.route, self.status, hit);
+        if hit || self.cache == "stale" || self.cache == "revalidated" {
+            self.metrics.served_from_cache(self.bytes);
+        }
+        tracing::info!(
+            target: "cratere::access",
+            method = %self.method,
+            version = self.version,
+            path = %self.path,
+            status = self.status,
+            bytes = self.bytes,
+            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            cache = %self.cache,
+            complete = self.complete,
+            "request"
+        );
+    }
+}
+
+/// A response body that counts what it sends and logs when it is done or dropped.
+struct LoggedBody {
+    inner: Body,
+    record: Option<AccessRecord>,
+}
+
+impl HttpBody for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(r)) = (frame.data_ref(), self.record.as_mut()) {
+                    r.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(mut r) = self.record.take() {
+                    r.complete = true;
+                    r.finish();
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.record.take() {
+            // hyper stops polling once Content-Length bytes are out, so a body can be
+            // dropped complete without having reported its end.
+            r.complete = self.inner.is_end_stream() || r.expected == Some(r.bytes);
+            r.finish();
+        }
+    }
+}
