@@ -35,7 +35,8 @@ use crate::metrics::Metrics;
 
 use crate::config::Config;
 use crate::names::IndexPath;
-use crate::storage::{CrateStore, list_files};
+use crate::storage::fs::LockFile;
+use crate::storage::{CleanupLease, CrateStore, list_files};
 use crate::usage::{Usage, Use};
 
 /// Name of the lock file in the crate cache.
@@ -127,11 +128,9 @@ pub struct Cleanup {
     usage: Arc<Usage>,
     rules: Rules,
     last: Mutex<Option<CleanupReport>>,
-    /// One pass at a time in this process, and the lock file, opened once and kept open: each
-    /// pass flocks and explicitly unlocks it. (Closing a freshly opened file instead would not
-    /// release the lock while a child process forked meanwhile, and not yet exec'd, still
-    /// shares the open file description.)
-    running: tokio::sync::Mutex<Option<std::fs::File>>,
+    /// One pass at a time in this process, and the lock file against other processes,
+    /// opened by the first pass and kept open (see [`LockFile`]).
+    running: tokio::sync::Mutex<Option<LockFile>>,
 }
 
 impl Cleanup {
@@ -173,9 +172,9 @@ impl Cleanup {
             };
             let guard = running.insert(guard);
             if guard.is_none() {
-                **guard = Some(open_lock_file(&self.crates.local().root().join(LOCK_FILE))?);
+                **guard = Some(LockFile::open(&self.crates.local().root().join(LOCK_FILE))?);
             }
-            match try_lock(guard.as_ref().expect("opened"))? {
+            match guard.as_ref().expect("opened").try_lock()? {
                 Some(held) => local = Some(held),
                 None => {
                     tracing::info!("cleanup skipped: another cleanup is running on this cache");
@@ -193,27 +192,27 @@ impl Cleanup {
         }
         // The bucket's lease. Held by another replica, that replica cleans the crates; this
         // one still cleans its own index cache.
-        let lease = match &self.crates {
-            CrateStore::S3(s3) if !dry_run => {
-                let lease = s3.lease(self.usage.clock().clone(), stop).await?;
-                if lease.is_none() {
-                    tracing::info!(
-                        "another replica is cleaning the bucket: only the local index cache is cleaned"
-                    );
-                }
-                Some(lease)
-            }
-            _ => None,
+        let lease = if dry_run {
+            CleanupLease::Local
+        } else {
+            self.crates
+                .cleanup_lease(self.usage.clock().clone(), stop)
+                .await?
         };
-        let crates = !matches!(lease, Some(None));
+        if let CleanupLease::HeldElsewhere = lease {
+            tracing::info!(
+                "another replica is cleaning the bucket: only the local index cache is cleaned"
+            );
+        }
+        let crates = !matches!(lease, CleanupLease::HeldElsewhere);
         let stop = match &lease {
-            Some(Some(lease)) => lease.stop().clone(),
+            CleanupLease::Held(lease) => lease.stop().clone(),
             _ => stop.clone(),
         };
         // Uses recorded in this process count before anything is judged.
         self.usage.flush().await;
         let pass = self.pass(dry_run, crates, &stop).await;
-        if let Some(Some(lease)) = lease {
+        if let CleanupLease::Held(lease) = lease {
             lease.release().await;
         }
         drop(local);
@@ -297,7 +296,7 @@ impl Cleanup {
         // first) no mtime is a last-use time yet, and every file counts as used now.
         let tracked = self.usage.is_tracked();
         let cutoff = cutoff
-            .checked_sub(self.crates.use_slack())
+            .checked_sub(self.crates.use_slack(crate::usage::FLUSH_INTERVAL))
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let mut files: Vec<_> = self
             .crates
@@ -325,12 +324,12 @@ impl Cleanup {
                 break; // sorted oldest first: every later file is newer and fits
             };
             if !dry_run {
-                if self.usage.pending(&Use::Crate(rel.clone())).is_some() {
+                if self.usage.pending(&Use::Crate(f.key.clone())).is_some() {
                     report.skipped_in_use += 1;
                     continue;
                 }
                 // Re-check: no use recorded since the scan (by any process or replica).
-                match self.crates.last_use(&rel).await {
+                match self.crates.last_use(&f.key).await {
                     Ok(Some(t)) if t == f.last_use => {}
                     Ok(Some(_)) => {
                         report.skipped_in_use += 1;
@@ -348,7 +347,7 @@ impl Cleanup {
                         continue;
                     }
                 }
-                match self.crates.remove(&rel).await {
+                match self.crates.remove(&f.key).await {
                     Ok(true) => {}
                     Ok(false) => {
                         kept_files -= 1;
@@ -376,11 +375,8 @@ impl Cleanup {
         }
         report.crate_files_kept = kept_files;
         report.crate_bytes_kept = kept_bytes;
-        if let CrateStore::S3(s3) = &self.crates
-            && !dry_run
-            && !stop.is_cancelled()
-        {
-            match s3.prune_records(cutoff).await {
+        if !dry_run && !stop.is_cancelled() {
+            match self.crates.prune_after_cleanup(cutoff).await {
                 Ok(n) => tracing::debug!(records = n, "superseded usage records removed"),
                 Err(e) => tracing::warn!(error = %e, "cannot prune usage records"),
             }
@@ -403,14 +399,14 @@ impl Cleanup {
             }
             // Only crates' index files; upstream's config.json is needed as long as the
             // cache is.
-            if f.rel.parse::<IndexPath>().is_err() {
+            let Ok(path) = f.rel.parse::<IndexPath>() else {
                 continue;
-            }
-            let last_use = match self.usage.index_last_use(&f.rel)? {
+            };
+            let last_use = match self.usage.index_last_use(&path)? {
                 Some(t) => t,
                 None => {
                     if !dry_run {
-                        self.usage.mark_index(&f.rel, now)?;
+                        self.usage.mark_index(&path, now)?;
                     }
                     now
                 }
@@ -419,23 +415,23 @@ impl Cleanup {
                 continue;
             }
             if !dry_run {
-                if self.usage.pending(&Use::Index(f.rel.clone())).is_some()
-                    || self.usage.index_last_use(&f.rel)? != Some(last_use)
+                if self.usage.pending(&Use::Index(path.clone())).is_some()
+                    || self.usage.index_last_use(&path)? != Some(last_use)
                 {
                     report.skipped_in_use += 1;
                     continue;
                 }
-                let path = self.index_root.join(&f.rel);
-                match std::fs::remove_file(&path) {
+                let file = self.index_root.join(&f.rel);
+                match std::fs::remove_file(&file) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => {
                         report.errors += 1;
-                        tracing::warn!(path = %path.display(), error = %e, "cannot remove an index file");
+                        tracing::warn!(path = %file.display(), error = %e, "cannot remove an index file");
                         continue;
                     }
                 }
-                self.usage.remove_index_mark(&f.rel)?;
+                self.usage.remove_index_mark(&path)?;
             }
             report.index_files_removed += 1;
             report.index_bytes_removed += f.len;
@@ -451,8 +447,11 @@ impl Cleanup {
         // two removals above) go once they are old.
         if !dry_run {
             for m in list_files(&self.usage.index_marks_root())? {
-                if m.modified < cutoff && !self.index_root.join(&m.rel).exists() {
-                    self.usage.remove_index_mark(&m.rel)?;
+                if let Ok(path) = m.rel.parse::<IndexPath>()
+                    && m.modified < cutoff
+                    && !self.index_root.join(&m.rel).exists()
+                {
+                    self.usage.remove_index_mark(&path)?;
                 }
             }
         }
@@ -513,34 +512,6 @@ pub fn spawn_jobs(
             }
         },
     );
-}
-
-fn open_lock_file(path: &Path) -> anyhow::Result<std::fs::File> {
-    std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))
-}
-
-/// An `flock` held on the cleanup lock file, released when dropped (and when the process
-/// dies).
-struct Held<'a>(&'a std::fs::File);
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.unlock();
-    }
-}
-
-/// Takes the cleanup lock on an open lock file, `None` when someone else holds it.
-fn try_lock(file: &std::fs::File) -> anyhow::Result<Option<Held<'_>>> {
-    match file.try_lock() {
-        Ok(()) => Ok(Some(Held(file))),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => Err(e).context("cannot lock the cleanup lock file"),
-    }
 }
 
 #[cfg(test)]
@@ -655,8 +626,8 @@ mod tests {
     #[tokio::test]
     async fn cleanups_never_overlap() {
         let f = Fixture::new();
-        let file = open_lock_file(&f.dir.path().join("crates").join(LOCK_FILE)).unwrap();
-        let held = try_lock(&file).unwrap().unwrap();
+        let file = LockFile::open(&f.dir.path().join("crates").join(LOCK_FILE)).unwrap();
+        let held = file.try_lock().unwrap().unwrap();
         let cleanup = f.cleanup(90.0, None);
         let outcome = cleanup
             .run_once(false, &CancellationToken::new())

@@ -175,7 +175,7 @@ impl Downloads {
         // Two rounds: if a fetch finds the file already cached (a race with another fetch
         // finishing), read it from the cache.
         for _ in 0..2 {
-            match self.store.open_to_send(&key.as_relative(), zero_copy).await {
+            match self.store.open_to_send(&key, zero_copy).await {
                 Ok(Some(stored)) => {
                     self.usage.record_crate(&key);
                     return Ok(Download {
@@ -233,7 +233,7 @@ impl Downloads {
     ) -> Result<Cached, DownloadError> {
         let key = CrateKey::new(name, version);
         for _ in 0..2 {
-            if let Some(len) = self.store.len(&key.as_relative()).await? {
+            if let Some(len) = self.store.len(&key).await? {
                 self.usage.record_crate(&key);
                 return Ok(Cached {
                     fetched: false,
@@ -324,7 +324,7 @@ impl Downloads {
         flight: &Flight,
     ) -> Result<Progress, DownloadError> {
         let rel = key.as_relative();
-        if let Ok(Some(_)) = self.store.len(&rel).await {
+        if let Ok(Some(_)) = self.store.len(key).await {
             return Ok(Progress::AlreadyCached);
         }
         let (canonical, cksum) = self.checksum(requested, key.version()).await?;
@@ -406,7 +406,7 @@ impl Downloads {
                 .state
                 .send_replace(Progress::Verified { len: written });
         }
-        match self.store.store(writer, &rel).await {
+        match self.store.store(writer, key).await {
             Ok(()) => self.metrics.crate_stored(written),
             Err(e) => {
                 tracing::warn!(krate = %rel, error = %e, "crate verified but could not be stored")

@@ -40,23 +40,19 @@ use tokio_util::task::TaskTracker;
 use crate::clock::Clock;
 use crate::names::{CrateKey, IndexPath};
 use crate::storage::CrateStore;
+use crate::storage::fs::set_mtime;
 
 /// How often recorded uses are written to disk: the most a crash can lose.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
-/// In the crate cache: present once every crate file's mtime is a last-use time.
-pub const TRACKED_MARKER: &str = ".usage-tracked";
-
 /// In the sparse index cache: the tree of last-use markers of index files.
 pub const INDEX_MARKS_DIR: &str = ".used";
 
-/// One recorded use: a file, by its path relative to its store.
+/// One recorded use of a cached file.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Use {
-    /// A `.crate`, relative to `$CRATERE_CACHE`.
-    Crate(String),
-    /// An index file, relative to `$CRATERE_INDEX/sparse`.
-    Index(String),
+    Crate(CrateKey),
+    Index(IndexPath),
 }
 
 pub struct Usage {
@@ -89,39 +85,21 @@ impl Usage {
     /// Whether crate mtimes are last-use times (the marker exists). Always true in S3, where
     /// crates from before usage tracking cannot exist.
     pub fn is_tracked(&self) -> bool {
-        match &self.crates {
-            CrateStore::Fs(fs) => fs.root().join(TRACKED_MARKER).exists(),
-            CrateStore::S3(_) => true,
-        }
+        self.crates.is_tracked()
     }
 
     /// On a cache whose crate files have no usage record yet, records a use of each of them
     /// now and writes the marker. Returns how many files were adopted, `None` if the cache was
     /// already tracked. A crash halfway leaves no marker, so the next start does it again.
     pub fn adopt_untracked(&self) -> io::Result<Option<usize>> {
-        let CrateStore::Fs(fs) = &self.crates else {
-            return Ok(None);
-        };
-        if self.is_tracked() {
-            return Ok(None);
+        let adopted = self.crates.adopt_untracked(self.clock.now())?;
+        if let Some(n) = adopted {
+            tracing::info!(
+                files = n,
+                "crate files without a usage record count as used now"
+            );
         }
-        let root = fs.root();
-        let now = self.clock.now();
-        let mut n = 0;
-        for f in crate::storage::list_files(root)? {
-            if f.rel.ends_with(".crate") && set_mtime(&root.join(&f.rel), now, false)? {
-                n += 1;
-            }
-        }
-        std::fs::write(
-            root.join(TRACKED_MARKER),
-            "The mtime of each .crate file in this directory is its last use by cratere.\n",
-        )?;
-        tracing::info!(
-            files = n,
-            "crate files without a usage record count as used now"
-        );
-        Ok(Some(n))
+        Ok(adopted)
     }
 
     /// Records a use of a crate file. Its index file counts as used too: a proxy that has lost
@@ -129,8 +107,8 @@ impl Usage {
     pub fn record_crate(&self, key: &CrateKey) {
         let now = self.clock.now();
         let mut p = self.pending.lock().expect("lock poisoned");
-        p.insert(Use::Crate(key.as_relative()), now);
-        p.insert(Use::Index(key.name().index_path().as_relative()), now);
+        p.insert(Use::Crate(key.clone()), now);
+        p.insert(Use::Index(key.name().index_path()), now);
     }
 
     /// Records a use of an index file.
@@ -139,7 +117,7 @@ impl Usage {
         self.pending
             .lock()
             .expect("lock poisoned")
-            .insert(Use::Index(path.as_relative()), now);
+            .insert(Use::Index(path.clone()), now);
     }
 
     /// The time of a use recorded in this process and not yet flushed.
@@ -159,8 +137,8 @@ impl Usage {
         let mut index = Vec::new();
         for (u, when) in batch {
             match u {
-                Use::Crate(rel) => crates.push((rel, when)),
-                Use::Index(rel) => index.push((rel, when)),
+                Use::Crate(key) => crates.push((key, when)),
+                Use::Index(path) => index.push((path.as_relative(), when)),
             }
         }
         let index_root = self.index_root.clone();
@@ -184,8 +162,8 @@ impl Usage {
     }
 
     /// Last recorded use of an index file (`None`: no record).
-    pub fn index_last_use(&self, rel: &str) -> io::Result<Option<SystemTime>> {
-        match std::fs::metadata(index_mark_path(&self.index_root, rel)) {
+    pub fn index_last_use(&self, path: &IndexPath) -> io::Result<Option<SystemTime>> {
+        match std::fs::metadata(index_mark_path(&self.index_root, &path.as_relative())) {
             Ok(m) => Ok(Some(m.modified()?)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
@@ -194,16 +172,17 @@ impl Usage {
 
     /// Records a use of an index file directly on disk (used by cleanup to adopt a file it
     /// finds without a record).
-    pub fn mark_index(&self, rel: &str, when: SystemTime) -> io::Result<()> {
-        set_mtime(&index_mark_path(&self.index_root, rel), when, true).map(|_| ())
+    pub fn mark_index(&self, path: &IndexPath, when: SystemTime) -> io::Result<()> {
+        let mark = index_mark_path(&self.index_root, &path.as_relative());
+        set_mtime(&mark, when, true).map(|_| ())
     }
 
     pub fn index_marks_root(&self) -> PathBuf {
         self.index_root.join(INDEX_MARKS_DIR)
     }
 
-    pub fn remove_index_mark(&self, rel: &str) -> io::Result<()> {
-        match std::fs::remove_file(index_mark_path(&self.index_root, rel)) {
+    pub fn remove_index_mark(&self, path: &IndexPath) -> io::Result<()> {
+        match std::fs::remove_file(index_mark_path(&self.index_root, &path.as_relative())) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -212,35 +191,6 @@ impl Usage {
 
 fn index_mark_path(index_root: &Path, rel: &str) -> PathBuf {
     index_root.join(INDEX_MARKS_DIR).join(rel)
-}
-
-/// Sets `path`'s mtime to `when` unless it is already later (a use never makes a file look
-/// older, e.g. when two processes record uses of it). Returns false when the file does not
-/// exist and `create` is false (a crate removed meanwhile is not re-created as an empty file).
-pub(crate) fn set_mtime(path: &Path, when: SystemTime, create: bool) -> io::Result<bool> {
-    let open = || {
-        std::fs::File::options()
-            .read(!create)
-            .write(create)
-            .create(create)
-            .truncate(false)
-            .open(path)
-    };
-    let file = match open() {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            open()?
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    if file.metadata()?.modified()? < when {
-        file.set_modified(when)?;
-    }
-    Ok(true)
 }
 
 /// The jobs of usage tracking: the adoption of a cache from before usage tracking (or from
@@ -317,18 +267,17 @@ mod tests {
         clock.advance(days(3.0));
         usage.record_crate(&key);
         assert_eq!(mtime(&file), written, "nothing is written before a flush");
-        assert_eq!(
-            usage.pending(&Use::Crate(key.as_relative())),
-            Some(clock.now())
-        );
+        assert_eq!(usage.pending(&Use::Crate(key.clone())), Some(clock.now()));
         assert_eq!(usage.flush().await, 2);
         assert_eq!(mtime(&file), clock.now());
         assert_eq!(
-            usage.index_last_use("se/rd/serde").unwrap(),
+            usage
+                .index_last_use(&"se/rd/serde".parse().unwrap())
+                .unwrap(),
             Some(clock.now()),
             "a crate's use is also a use of its index file"
         );
-        assert_eq!(usage.pending(&Use::Crate(key.as_relative())), None);
+        assert_eq!(usage.pending(&Use::Crate(key.clone())), None);
         assert_eq!(usage.flush().await, 0);
     }
 
@@ -343,11 +292,14 @@ mod tests {
         let path: IndexPath = "3/r/ryu".parse().unwrap();
         clock.advance(days(1.0));
         let later = clock.now();
-        usage.mark_index(&path.as_relative(), later).unwrap();
+        usage.mark_index(&path, later).unwrap();
         clock.set(later - days(2.0));
         usage.record_index(&path);
         usage.flush().await;
-        assert_eq!(usage.index_last_use("3/r/ryu").unwrap(), Some(later));
+        assert_eq!(
+            usage.index_last_use(&"3/r/ryu".parse().unwrap()).unwrap(),
+            Some(later)
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -170,8 +170,8 @@ async fn warm_one(core: &Core, p: &Package) -> Result<Warmed, String> {
         .ensure_cached(&p.name, &p.version)
         .await
         .map_err(|e| e.to_string())?;
-    let rel = CrateKey::new(&p.name, &p.version).as_relative();
-    verify(&core.crates, &rel, p.checksum.as_deref()).await?;
+    let key = CrateKey::new(&p.name, &p.version);
+    verify(&core.crates, &key, p.checksum.as_deref()).await?;
     Ok(Warmed {
         fetched: cached.fetched,
         bytes: cached.len,
@@ -180,8 +180,8 @@ async fn warm_one(core: &Core, p: &Package) -> Result<Warmed, String> {
 
 /// The stored file is there and, when the lockfile gives a checksum, has exactly that sha256
 /// (read back from the store: from disk, or from the bucket).
-async fn verify(store: &CrateStore, rel: &str, checksum: Option<&str>) -> Result<(), String> {
-    let stored = match store.open_read(rel).await {
+async fn verify(store: &CrateStore, key: &CrateKey, checksum: Option<&str>) -> Result<(), String> {
+    let stored = match store.open_read(key).await {
         Ok(Some(s)) => s,
         Ok(None) => return Err("not in the cache".into()),
         Err(e) => return Err(format!("not in the cache: {e}")),

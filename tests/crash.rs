@@ -638,7 +638,11 @@ fn kill_9_during_a_cleanup_leaves_whole_files_and_no_lock() {
     // first, file 0 first. Each has its own content and size. (Polling the oldest file below
     // is polling the file count until it drops.)
     std::fs::create_dir_all(&cache).unwrap();
-    std::fs::write(cache.join(cratere::usage::TRACKED_MARKER), "tracked\n").unwrap();
+    std::fs::write(
+        cache.join(cratere::storage::fs::TRACKED_MARKER),
+        "tracked\n",
+    )
+    .unwrap();
     let start = SystemTime::now() - Duration::from_secs(30 * 86_400);
     let mut crates = BTreeMap::new();
     let mut order = Vec::new();
@@ -688,7 +692,7 @@ fn kill_9_during_a_cleanup_leaves_whole_files_and_no_lock() {
 
     // Whatever is left is whole; the pass stopped in the middle, oldest files gone first.
     let mut left = all_files(&cache);
-    assert!(left.remove(cratere::usage::TRACKED_MARKER).is_some());
+    assert!(left.remove(cratere::storage::fs::TRACKED_MARKER).is_some());
     assert!(
         left.remove(cratere::cleanup::LOCK_FILE).is_some(),
         "the lock file stays (an flock, not the file, is the lock)"

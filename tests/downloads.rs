@@ -74,8 +74,8 @@ async fn plain_http_hits_use_sendfile_and_removed_crates_are_not_served_from_a_k
     let text = proxy.state.core.metrics.encode();
     assert!(text.contains("cratere_sendfile_bytes_total"), "{text}");
 
-    let rel = "ze/ro/zerocopy/zerocopy-1.0.0.crate";
-    assert!(proxy.state.core.crates.remove(rel).await.unwrap());
+    let key = "ze/ro/zerocopy/zerocopy-1.0.0.crate".parse().unwrap();
+    assert!(proxy.state.core.crates.remove(&key).await.unwrap());
     let r = proxy.get(&format!("{DL}/zerocopy/1.0.0/download")).await;
     assert_eq!(r.headers()["x-cratere-cache"], "miss");
     assert_eq!(body_of(r).await.unwrap(), bytes);

@@ -15,6 +15,7 @@ use common::{FakeUpstream, Fault, Proxy, Target, index_path, sha256_hex};
 use cratere::cleanup::{FileKind, Outcome};
 use cratere::clock::{FakeClock, days};
 use cratere::config::Config;
+use cratere::names::CrateKey;
 use cratere::storage::s3::{LEASE_TTL, LOCK_KEY};
 use cratere::storage::{CrateStore, FsStore};
 use futures_util::StreamExt;
@@ -32,8 +33,12 @@ fn crate_rel(name: &str, version: &str) -> String {
     )
 }
 
-async fn read_all(store: &CrateStore, rel: &str) -> Option<Vec<u8>> {
-    let stored = store.open_read(rel).await.unwrap()?;
+fn crate_key(name: &str, version: &str) -> CrateKey {
+    CrateKey::new(&name.parse().unwrap(), &version.parse().unwrap())
+}
+
+async fn read_all(store: &CrateStore, key: &CrateKey) -> Option<Vec<u8>> {
+    let stored = store.open_read(key).await.unwrap()?;
     let len = stored.len;
     let mut out = Vec::new();
     let mut s = stored.into_stream();
@@ -63,8 +68,8 @@ fn tomorrow() -> SystemTime {
 /// The same expectations of every crate store: store, stream back, size, list, last use,
 /// remove; nothing visible before it is stored.
 async fn conformance(store: CrateStore) {
-    let a = crate_rel("serde", "1.0.200");
-    let b = crate_rel("Big_One", "2.0.0+build.5");
+    let a = crate_key("serde", "1.0.200");
+    let b = crate_key("Big_One", "2.0.0+build.5");
     let a_bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     // Over the S3 part size: a multipart upload.
     let b_bytes: Vec<u8> = (0..(cratere::storage::s3::PART_SIZE as u32 + 1_000_003))
@@ -97,14 +102,14 @@ async fn conformance(store: CrateStore) {
         .map(|f| (f.key.as_relative(), f.len))
         .collect();
     let mut expected = vec![
-        (b.clone(), b_bytes.len() as u64),
-        (a.clone(), a_bytes.len() as u64),
+        (b.as_relative(), b_bytes.len() as u64),
+        (a.as_relative(), a_bytes.len() as u64),
     ];
     expected.sort();
     assert_eq!(names, expected);
     for f in &listed {
         assert_eq!(
-            store.last_use(&f.key.as_relative()).await.unwrap(),
+            store.last_use(&f.key).await.unwrap(),
             Some(f.last_use),
             "last_use and list agree"
         );
@@ -122,13 +127,13 @@ async fn conformance(store: CrateStore) {
         .await;
     assert_eq!(store.last_use(&a).await.unwrap(), Some(later));
     let listed = store.list().await.unwrap();
-    let la = listed.iter().find(|f| f.key.as_relative() == a).unwrap();
+    let la = listed.iter().find(|f| f.key == a).unwrap();
     assert_eq!(la.last_use, later);
-    let lb = listed.iter().find(|f| f.key.as_relative() == b).unwrap();
+    let lb = listed.iter().find(|f| f.key == b).unwrap();
     assert!(lb.last_use < later);
 
     // A use of a crate that is not stored never makes it appear.
-    let ghost = crate_rel("ghost", "0.1.0");
+    let ghost = crate_key("ghost", "0.1.0");
     store.record_uses(vec![(ghost.clone(), later)]).await;
     assert_eq!(store.len(&ghost).await.unwrap(), None);
     assert_eq!(store.list().await.unwrap().len(), 2);
@@ -140,7 +145,7 @@ async fn conformance(store: CrateStore) {
     store.remove(&a).await.unwrap();
     let listed = store.list().await.unwrap();
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].key.as_relative(), b);
+    assert_eq!(listed[0].key, b);
     // Stored again after a removal: a fresh last use (old records are gone with it).
     store.store(temp_with(&store, &a_bytes), &a).await.unwrap();
     assert!(store.last_use(&a).await.unwrap().unwrap() < later);

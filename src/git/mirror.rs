@@ -35,6 +35,7 @@ use tokio::sync::watch;
 
 use super::process::{Output, config_env, run, run_ok};
 use super::{GitIndex, HostView, SyncRecord, SyncReport, SyncStatus};
+use crate::storage::fs::LockFile;
 
 /// Upstream's head as last fetched.
 pub const UPSTREAM_REF: &str = "refs/cratere/upstream";
@@ -76,12 +77,12 @@ impl GitIndex {
     /// One sync. Waits for a sync already running to finish first. Dropping the future
     /// kills the git process it is running.
     pub async fn sync(&self) -> anyhow::Result<SyncReport> {
-        let _one_at_a_time = self.sync_lock.lock().await;
+        let mut one_at_a_time = self.sync_lock.lock().await;
         let started = Utc::now();
         let t0 = Instant::now();
         self.status.send_modify(|s| s.running = true);
         let _running = Running(&self.status);
-        let res = self.sync_locked().await;
+        let res = self.sync_locked(&mut one_at_a_time).await;
         let record = SyncRecord {
             started,
             duration: t0.elapsed(),
@@ -115,11 +116,25 @@ impl GitIndex {
         res
     }
 
-    async fn sync_locked(&self) -> anyhow::Result<SyncReport> {
+    /// The sync, under this process's lock (holding the lock file, once opened).
+    async fn sync_locked(&self, lock_file: &mut Option<LockFile>) -> anyhow::Result<SyncReport> {
         tokio::fs::create_dir_all(&self.root)
             .await
             .with_context(|| format!("creating {}", self.root.display()))?;
-        let _lock = self.lock_across_processes().await?;
+        // Across processes: an exclusive lock on `$CRATERE_INDEX/git/sync.lock`. Then ref lock
+        // files left by a git process killed mid-update can go (only syncs write refs).
+        if lock_file.is_none() {
+            *lock_file = Some(LockFile::open(&self.root.join("sync.lock"))?);
+        }
+        let lock_file = lock_file.as_ref().expect("opened");
+        let Some(_held) = lock_file.try_lock()? else {
+            anyhow::bail!(
+                "another process is syncing the git index in {}",
+                lock_file.path().display()
+            );
+        };
+        let repo = self.repo.clone();
+        tokio::task::spawn_blocking(move || remove_stale_lock_files(&repo)).await?;
         self.init_repo().await?;
         if !self.status.borrow().ready && self.serves_current_config().await? {
             tracing::info!("serving the git index mirror found on disk until the sync completes");
@@ -196,39 +211,6 @@ impl GitIndex {
             history_rewritten,
             pruned,
         })
-    }
-
-    /// An exclusive lock on `$CRATERE_INDEX/git/sync.lock`, released when dropped. Also clears
-    /// ref lock files left by a git process killed mid-update (only syncs write refs, and we
-    /// hold the lock).
-    async fn lock_across_processes(&self) -> anyhow::Result<std::fs::File> {
-        let path = self.root.join("sync.lock");
-        let repo = self.repo.clone();
-        tokio::task::spawn_blocking(move || {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            // A child process forked by another thread of this process briefly shares the
-            // lock's open file (until its exec closes it), so a lock just released can look
-            // held for a moment: retry for a few seconds before calling it another process.
-            let mut tries = 0;
-            while f.try_lock().is_err() {
-                tries += 1;
-                if tries > 100 {
-                    anyhow::bail!(
-                        "another process is syncing the git index in {}",
-                        path.display()
-                    );
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            remove_stale_lock_files(&repo);
-            Ok(f)
-        })
-        .await?
     }
 
     async fn init_repo(&self) -> anyhow::Result<()> {

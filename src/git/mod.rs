@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, GitRemote};
 use crate::hosts::PublicHosts;
 use crate::jobs::{FirstRun, Schedule, spawn_scheduled};
+use crate::storage::fs::LockFile;
 
 /// Directory name of the mirror repository under `$CRATERE_INDEX/git/`.
 pub const REPO_DIR: &str = "crates.io-index.git";
@@ -163,8 +164,9 @@ pub struct GitIndex {
     schedule: Schedule,
     /// Primary first.
     hosts: Vec<HostView>,
-    /// Held for a whole sync: syncs never overlap, whoever starts them.
-    sync_lock: tokio::sync::Mutex<()>,
+    /// Held for a whole sync: syncs never overlap, whoever starts them. Holds the lock file
+    /// against other processes once a sync has opened it.
+    sync_lock: tokio::sync::Mutex<Option<LockFile>>,
     status: watch::Sender<SyncStatus>,
     /// Process ids of running `git http-backend`s.
     backends: Arc<Mutex<HashSet<u32>>>,
@@ -183,7 +185,7 @@ impl GitIndex {
                 .iter()
                 .map(|b| HostView::new(b))
                 .collect(),
-            sync_lock: tokio::sync::Mutex::new(()),
+            sync_lock: tokio::sync::Mutex::new(None),
             status: watch::channel(SyncStatus::default()).0,
             backends: Arc::new(Mutex::new(HashSet::new())),
         }

@@ -1,292 +1,310 @@
-//! Where bytes live: on disk, a directory of files addressed by relative keys that only typed
-//! names produce, written through temp files and atomic renames ([`FsStore`]); crate files
-//! either there or in an S3-compatible bucket ([`CrateStore`]).
+//! Where bytes live. [`FsStore`] ([`fs`]) is a directory of files written through temp files
+//! and atomic renames: the sparse index cache, and crate files with `CRATERE_STORAGE=fs`.
+//! [`CrateStore`] is the crate-store API that downloads, usage, cleanup and search use; it
+//! only dispatches to a backend, one file (or folder) each: the disk ([`fs`]) or an
+//! S3-compatible bucket shared by several replicas ([`s3`]). Crates are addressed by
+//! [`CrateKey`] throughout; nothing above this module matches on a backend.
 //!
-//! Every write goes to `<root>/.tmp/` first and is renamed into place when complete, so a reader
-//! (or a crash at any moment) sees either nothing or a whole file. Leftover temp files from a
-//! crash are removed when the store is opened.
+//! Only `.crate` files go to the bucket. Every backend downloads into a local temp file under
+//! `$CRATERE_CACHE/.tmp/` (clients are served from it while it grows, see
+//! [`crate::downloads`]); [`CrateStore::store`] then makes the verified file visible in one
+//! step: a rename on disk, a single PUT (or a completed multipart upload) in S3. A reader sees
+//! a whole, verified file or nothing.
+//!
+//! Last use: on disk it is the file's mtime; in S3, objects cannot be touched, so uses are
+//! small marker objects ([`s3`] explains their layout).
 
-use std::io;
-use std::path::{Path, PathBuf};
-use std::time::SystemTime;
-
-use tempfile::NamedTempFile;
-
-pub mod crates;
-pub mod file_body;
-pub mod local_cache;
+mod file_body;
+pub mod fs;
 pub mod s3;
 
-pub use crates::{CrateInfo, CrateStore, StoredCrate};
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-/// Directory (inside the root) holding files being written.
-const TMP_DIR: &str = ".tmp";
+use anyhow::Context;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use tempfile::NamedTempFile;
+use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone)]
-pub struct FsStore {
-    root: PathBuf,
+pub use fs::{FsStore, StoredFile, list_files};
+
+use crate::clock::Clock;
+use crate::config::{Config, StorageKind};
+use crate::names::CrateKey;
+use file_body::READ_CHUNK;
+use s3::S3Crates;
+
+/// Crate files, on disk or in S3. Cheap to clone.
+#[derive(Clone)]
+pub enum CrateStore {
+    Fs(FsStore),
+    S3(Arc<S3Crates>),
 }
 
-impl FsStore {
-    /// Opens (creating if needed) a store rooted at `root` and clears temp files left by a
-    /// previous run.
-    pub fn open(root: &Path) -> io::Result<FsStore> {
-        let tmp = root.join(TMP_DIR);
-        std::fs::create_dir_all(&tmp).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot create {}: {e}", tmp.display()))
-        })?;
-        let root = root.canonicalize()?;
-        let store = FsStore { root };
-        store.remove_leftover_temp_files()?;
-        Ok(store)
-    }
-
-    /// Removes temp files nobody is writing. Writers hold an exclusive lock on their temp file
-    /// for as long as it is open, so a file whose lock can be taken was left by a process that
-    /// died; files of a live process sharing the directory (another server, `cratere warm`)
-    /// are left alone.
-    fn remove_leftover_temp_files(&self) -> io::Result<()> {
-        for entry in std::fs::read_dir(self.root.join(TMP_DIR))? {
-            let entry = entry?;
-            if !entry.file_type()?.is_file() {
-                continue;
-            }
-            let Ok(file) = std::fs::File::open(entry.path()) else {
-                continue;
-            };
-            if file.try_lock().is_ok() {
-                tracing::info!(path = %entry.path().display(), "removing leftover temp file");
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-        Ok(())
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// Absolute path of a key. Keys come from [`crate::names`] types, never from raw input.
-    pub fn path(&self, key: &str) -> PathBuf {
-        debug_assert!(
-            !key.split('/')
-                .any(|s| s.is_empty() || s == "." || s == "..")
-        );
-        self.root.join(key)
-    }
-
-    /// A new temp file in the store's temp directory (same filesystem as the final place, so
-    /// the rename is atomic). Dropped without [`FsStore::persist`], it is deleted.
-    pub fn temp_file(&self) -> io::Result<NamedTempFile> {
-        use std::os::unix::fs::PermissionsExt;
-        // Cached files are public data: readable by other local users and tools (backups,
-        // a web server pointed at the cache), like the files cargo itself writes.
-        let tmp = tempfile::Builder::new()
-            .prefix("w-")
-            .permissions(std::fs::Permissions::from_mode(0o644))
-            .tempfile_in(self.root.join(TMP_DIR))?;
-        tmp.as_file().lock()?;
-        Ok(tmp)
-    }
-
-    /// Atomically moves a finished temp file to `key`, replacing any previous file.
-    pub fn persist(&self, tmp: NamedTempFile, key: &str) -> io::Result<()> {
-        let dest = self.path(key);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        tmp.persist(&dest).map_err(|e| e.error)?;
-        Ok(())
-    }
-
-    /// Removes `key` if present.
-    pub fn remove(&self, key: &str) -> io::Result<()> {
-        match std::fs::remove_file(self.path(key)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    /// Whether a file can be created in the store (for readiness).
-    pub fn check_writable(&self) -> io::Result<()> {
-        use std::io::Write;
-        let mut f = self.temp_file()?;
-        f.write_all(b"ready")?;
-        f.as_file().sync_data()
-    }
-
-    /// Every stored file (not the temp files being written), in no particular order.
-    pub fn list(&self) -> io::Result<Vec<StoredFile>> {
-        list_files(&self.root)
-    }
-
-    /// Opens `key` and reads its first `chunk` bytes in one blocking call: `None` when absent;
-    /// else the file, its length and the bytes read (maybe fewer than asked). A file
-    /// that fits in one chunk is then served without further reads. With `map`, a file wholly
-    /// in the page cache comes back whole as a mapping for [`crate::sendfile`] instead.
-    pub async fn open_with_head(
-        &self,
-        key: &str,
-        chunk: usize,
-        map: bool,
-    ) -> io::Result<Option<(std::fs::File, u64, bytes::Bytes)>> {
-        let path = self.path(key);
-        tokio::task::spawn_blocking(move || {
-            let f = match open_noatime(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            let len = f.metadata()?.len();
-            if map && let Some(mapped) = crate::sendfile::map_if_resident(&f, len) {
-                crate::sendfile::remember(path.clone(), &mapped);
-                // Removed or replaced since the open: this request still gets the bytes it
-                // opened, later ones must not.
-                if !same_file(&f, &path) {
-                    crate::sendfile::forget(&path);
-                }
-                return Ok(Some((f, len, mapped.bytes())));
-            }
-            let want = len.min(chunk as u64) as usize;
-            // May be short (then the caller reads the rest from where it ends).
-            let head = file_body::read_at_blocking(&f, 0, want)?;
-            Ok(Some((f, len, head)))
-        })
-        .await
-        .map_err(io::Error::other)?
-    }
-
-    /// Opens `key` for reading, `None` when absent.
-    pub async fn open_read(&self, key: &str) -> io::Result<Option<(tokio::fs::File, u64)>> {
-        match tokio::fs::File::open(self.path(key)).await {
-            Ok(f) => {
-                let len = f.metadata().await?.len();
-                Ok(Some((f, len)))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// Opens a cached file for reading without updating its access time: usage flushes move
-/// mtimes past atimes, so under `relatime` every hot hit would otherwise write an inode
-/// (a journal transaction that can wait for the disk) on an async worker's `sendfile` or
-/// `RWF_NOWAIT` read. `O_NOATIME` needs the file's owner; others get a plain open.
-fn open_noatime(path: &Path) -> io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    #[cfg(target_os = "linux")]
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOATIME)
-        .open(path)
-    {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
-        other => return other,
-    }
-    std::fs::File::open(path)
-}
-
-/// Whether `path` still names the file `f` has open.
-fn same_file(f: &std::fs::File, path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (f.metadata(), std::fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
-}
-
-/// A file found by [`list_files`].
-#[derive(Debug, Clone)]
-pub struct StoredFile {
-    /// Path relative to the listed root, `/`-separated.
-    pub rel: String,
+/// A stored crate opened for reading.
+pub struct StoredCrate {
     pub len: u64,
-    pub modified: SystemTime,
+    body: StoredBody,
 }
 
-/// Lists the regular files under `root`, skipping every entry whose name starts with `.`
-/// (the `.tmp/` directory of files being written, marker and lock files). Files or directories
-/// that vanish during the walk (another process removing them) are skipped, not errors; a
-/// missing `root` has no files.
-pub fn list_files(root: &Path) -> io::Result<Vec<StoredFile>> {
-    let mut out = Vec::new();
-    let mut dirs = vec![(root.to_path_buf(), String::new())];
-    while let Some((dir, prefix)) = dirs.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
-            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-                continue;
-            };
-            if name.starts_with('.') {
-                continue;
+enum StoredBody {
+    File(tokio::fs::File),
+    /// The first chunk, read together with the open (one blocking hop for most crates), and
+    /// the file with its length when there is more (read by [`file_body`]).
+    Head(Bytes, Option<(std::fs::File, u64)>),
+    Stream(BoxStream<'static, io::Result<Bytes>>),
+}
+
+impl StoredCrate {
+    /// The bytes, read as they are consumed (never buffered whole).
+    pub fn into_stream(self) -> BoxStream<'static, io::Result<Bytes>> {
+        match self.body {
+            StoredBody::File(f) => {
+                tokio_util::io::ReaderStream::with_capacity(f, READ_CHUNK).boxed()
             }
-            let rel = if prefix.is_empty() {
-                name
-            } else {
-                format!("{prefix}/{name}")
-            };
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            if meta.is_dir() {
-                dirs.push((entry.path(), rel));
-            } else if meta.is_file() {
-                out.push(StoredFile {
-                    rel,
-                    len: meta.len(),
-                    modified: meta.modified()?,
-                });
+            StoredBody::Head(head, None) => {
+                futures_util::stream::once(async move { Ok(head) }).boxed()
             }
+            StoredBody::Head(head, Some((file, len))) => {
+                let pos = head.len() as u64;
+                futures_util::stream::once(async move { Ok(head) })
+                    .chain(file_body::stream_from(file, pos, len))
+                    .boxed()
+            }
+            StoredBody::Stream(s) => s,
         }
     }
-    Ok(out)
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    #[test]
-    fn writes_are_invisible_until_persisted() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FsStore::open(dir.path()).unwrap();
-        let mut tmp = store.temp_file().unwrap();
-        tmp.write_all(b"hello").unwrap();
-        assert!(!store.path("se/rd/serde/x.crate").exists());
-        store.persist(tmp, "se/rd/serde/x.crate").unwrap();
-        assert_eq!(
-            std::fs::read(store.path("se/rd/serde/x.crate")).unwrap(),
-            b"hello"
-        );
-        let listed = store.list().unwrap();
-        assert_eq!(listed.len(), 1, "temp dir is not listed: {listed:?}");
-        assert_eq!(
-            (listed[0].rel.as_str(), listed[0].len),
-            ("se/rd/serde/x.crate", 5)
-        );
-        store.remove("se/rd/serde/x.crate").unwrap();
-        store.remove("se/rd/serde/x.crate").unwrap();
-        assert!(!store.path("se/rd/serde/x.crate").exists());
+    fn from_file(len: u64, f: tokio::fs::File) -> StoredCrate {
+        StoredCrate {
+            len,
+            body: StoredBody::File(f),
+        }
     }
 
-    #[test]
-    fn leftover_temp_files_are_removed_on_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FsStore::open(dir.path()).unwrap();
-        let live = store.temp_file().unwrap();
-        let (file, dead) = store.temp_file().unwrap().keep().unwrap();
-        drop(file); // the writer died: its lock is gone
-        FsStore::open(dir.path()).unwrap();
-        assert!(!dead.exists());
-        assert!(live.path().exists(), "a file being written is kept");
+    fn from_stream(len: u64, s: BoxStream<'static, io::Result<Bytes>>) -> StoredCrate {
+        StoredCrate {
+            len,
+            body: StoredBody::Stream(s),
+        }
+    }
+
+    /// The first bytes, and the file to read the rest from (`None`: `head` is all of it).
+    fn from_head(head: Bytes, rest: Option<(std::fs::File, u64)>) -> StoredCrate {
+        let len = rest.as_ref().map_or(head.len() as u64, |(_, len)| *len);
+        StoredCrate {
+            len,
+            body: StoredBody::Head(head, rest),
+        }
+    }
+}
+
+/// A stored crate found by [`CrateStore::list`].
+#[derive(Debug, Clone)]
+pub struct CrateInfo {
+    pub key: CrateKey,
+    pub len: u64,
+    /// Last recorded use.
+    pub last_use: SystemTime,
+}
+
+/// Whether a cleanup may examine the crate files ([`CrateStore::cleanup_lease`]).
+pub enum CleanupLease {
+    /// The store is this machine's: the local lock file is all the exclusion needed.
+    Local,
+    /// Held by this replica until released; its token is cancelled if it is lost.
+    Held(s3::Lease),
+    /// Another replica holds it: that replica cleans the crates.
+    HeldElsewhere,
+}
+
+impl CrateStore {
+    /// The store the configuration names. The local directory `CRATERE_CACHE` is opened in
+    /// every case: it holds the temp files of downloads in progress.
+    pub fn open(config: &Config) -> anyhow::Result<CrateStore> {
+        let local = FsStore::open(&config.cache)
+            .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
+        match config.storage {
+            StorageKind::Fs => Ok(CrateStore::Fs(local)),
+            StorageKind::S3 => Ok(CrateStore::S3(Arc::new(S3Crates::new(config, local)?))),
+        }
+    }
+
+    /// The local directory: the whole store for `fs`, the temp files (and local copies) for
+    /// `s3`. Lock files live here.
+    pub fn local(&self) -> &FsStore {
+        match self {
+            CrateStore::Fs(fs) => fs,
+            CrateStore::S3(s3) => s3.local(),
+        }
+    }
+
+    /// Whether crate files are somewhere other than this machine's disk (a store failure is
+    /// then no reason to fail a client, and uploads take long enough to release clients
+    /// before they end).
+    pub fn is_remote(&self) -> bool {
+        matches!(self, CrateStore::S3(_))
+    }
+
+    /// Where the files are, for messages: a directory or `s3://bucket/prefix`.
+    pub fn describe(&self) -> String {
+        match self {
+            CrateStore::Fs(fs) => fs.root().display().to_string(),
+            CrateStore::S3(s3) => s3.describe(),
+        }
+    }
+
+    /// A new local temp file to download into (see [`FsStore::temp_file`]).
+    pub fn temp_file(&self) -> io::Result<NamedTempFile> {
+        self.local().temp_file()
+    }
+
+    /// Opens a stored crate, `None` when absent.
+    pub async fn open_read(&self, key: &CrateKey) -> io::Result<Option<StoredCrate>> {
+        self.open_to_send(key, false).await
+    }
+
+    /// Opens a stored crate to send to a client, `None` when absent. With `zero_copy` (the
+    /// client is on a [`crate::sendfile::SendfileStream`]), a file on disk that is in the
+    /// page cache comes as one mapping that the connection sends with `sendfile`.
+    pub async fn open_to_send(
+        &self,
+        key: &CrateKey,
+        zero_copy: bool,
+    ) -> io::Result<Option<StoredCrate>> {
+        match self {
+            CrateStore::Fs(fs) => fs.open_crate(key, zero_copy).await,
+            CrateStore::S3(s3) => s3.open_read(key).await,
+        }
+    }
+
+    /// Size of a stored crate, `None` when absent.
+    pub async fn len(&self, key: &CrateKey) -> io::Result<Option<u64>> {
+        match self {
+            CrateStore::Fs(fs) => fs.crate_len(key).await,
+            CrateStore::S3(s3) => s3.len(key).await,
+        }
+    }
+
+    /// Makes a complete, verified temp file visible at `key` in one step (replacing an equal
+    /// file another process may have stored meanwhile).
+    pub async fn store(&self, tmp: NamedTempFile, key: &CrateKey) -> io::Result<()> {
+        match self {
+            CrateStore::Fs(fs) => fs.store_crate(tmp, key).await,
+            CrateStore::S3(s3) => s3.upload(tmp, key).await,
+        }
+    }
+
+    /// Every stored crate with its size and last use (temp files excluded).
+    pub async fn list(&self) -> io::Result<Vec<CrateInfo>> {
+        match self {
+            CrateStore::Fs(fs) => fs.list_crates().await,
+            CrateStore::S3(s3) => s3.list().await,
+        }
+    }
+
+    /// The last recorded use of a stored crate, as [`CrateStore::list`] reports it; `None`
+    /// when the crate is gone.
+    pub async fn last_use(&self, key: &CrateKey) -> io::Result<Option<SystemTime>> {
+        match self {
+            CrateStore::Fs(fs) => fs.crate_last_use(key).await,
+            CrateStore::S3(s3) => s3.last_use(key).await,
+        }
+    }
+
+    /// Removes a stored crate (and, in S3, its usage records). False when it was not there.
+    pub async fn remove(&self, key: &CrateKey) -> io::Result<bool> {
+        match self {
+            CrateStore::Fs(fs) => fs.remove_crate(key).await,
+            CrateStore::S3(s3) => s3.remove(key).await,
+        }
+    }
+
+    /// Writes uses of stored crates (never creating a crate, never moving a last use back).
+    /// Returns how many records were written; failures are logged (a lost record only makes
+    /// a crate look older than it is).
+    pub async fn record_uses(&self, uses: Vec<(CrateKey, SystemTime)>) -> usize {
+        match self {
+            CrateStore::Fs(fs) => fs.record_crate_uses(uses).await,
+            CrateStore::S3(s3) => s3.record_uses(uses).await,
+        }
+    }
+
+    /// Whether every stored crate has a usage record. Always true in S3, where crates from
+    /// before usage tracking cannot exist.
+    pub fn is_tracked(&self) -> bool {
+        match self {
+            CrateStore::Fs(fs) => fs.is_tracked(),
+            CrateStore::S3(_) => true,
+        }
+    }
+
+    /// Gives every crate without a usage record a use at `now` (see
+    /// [`crate::usage::Usage::adopt_untracked`]); how many, `None` if there was nothing to
+    /// adopt. Blocking.
+    pub fn adopt_untracked(&self, now: SystemTime) -> io::Result<Option<usize>> {
+        match self {
+            CrateStore::Fs(fs) => fs.adopt_untracked(now),
+            CrateStore::S3(_) => Ok(None),
+        }
+    }
+
+    /// How much later than its recorded last use a crate may really have been used, given
+    /// that replicas write their uses `flush_interval` apart: uses are written at a coarser
+    /// grain to S3, and other replicas write theirs a few seconds late. A cleanup adds it to
+    /// `CRATERE_MAX_DAYS_UNUSED`, so that anything used within that time is kept. Zero on disk.
+    pub fn use_slack(&self, flush_interval: Duration) -> Duration {
+        match self {
+            CrateStore::Fs(_) => Duration::ZERO,
+            CrateStore::S3(s3) => s3.resolution() + 2 * flush_interval,
+        }
+    }
+
+    /// The exclusion a cleanup of the crate files needs beyond the local lock file: with a
+    /// store shared by replicas, the bucket's lease.
+    pub async fn cleanup_lease(
+        &self,
+        clock: Arc<dyn Clock>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<CleanupLease> {
+        match self {
+            CrateStore::Fs(_) => Ok(CleanupLease::Local),
+            CrateStore::S3(s3) => Ok(match s3.lease(clock, stop).await? {
+                Some(lease) => CleanupLease::Held(lease),
+                None => CleanupLease::HeldElsewhere,
+            }),
+        }
+    }
+
+    /// After a cleanup pass that removed crates last used before `cutoff`: drops bookkeeping
+    /// they leave behind (superseded usage records in S3). Returns how many objects went.
+    pub async fn prune_after_cleanup(&self, cutoff: SystemTime) -> io::Result<usize> {
+        match self {
+            CrateStore::Fs(_) => Ok(0),
+            CrateStore::S3(s3) => s3.prune_records(cutoff).await,
+        }
+    }
+
+    /// Readiness: the local temp directory accepts writes, and the bucket answers.
+    pub async fn check(&self) -> Result<(), String> {
+        let local = self.local().clone();
+        let what = if self.is_remote() {
+            "local temp directory (CRATERE_CACHE)"
+        } else {
+            "crate cache (CRATERE_CACHE)"
+        };
+        tokio::task::spawn_blocking(move || local.check_writable())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{what} not writable: {e}"))?;
+        if let CrateStore::S3(s3) = self {
+            s3.check()
+                .await
+                .map_err(|e| format!("bucket {} not reachable: {e}", s3.describe()))?;
+        }
+        Ok(())
     }
 }

@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use tempfile::NamedTempFile;
 
-use super::{FsStore, list_files};
+use crate::storage::fs::{FsStore, crate_files};
 
 pub struct LocalCache {
     store: FsStore,
@@ -33,7 +33,7 @@ pub struct LocalCache {
 impl LocalCache {
     /// The copies in `store` (walked once, at startup), bounded to `max` bytes.
     pub fn open(store: FsStore, max: u64) -> io::Result<Arc<LocalCache>> {
-        let used = crate_files(&store)?.iter().map(|f| f.len).sum();
+        let used = crate_files(store.root())?.iter().map(|(_, f)| f.len).sum();
         let cache = Arc::new(LocalCache {
             store,
             max,
@@ -135,7 +135,10 @@ impl LocalCache {
 
     /// Removes the least recently used copies until they take 90% of the size. Blocking.
     fn evict(&self) -> io::Result<()> {
-        let mut files = crate_files(&self.store)?;
+        let mut files: Vec<_> = crate_files(self.store.root())?
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect();
         files.sort_by_key(|f| f.modified);
         let target = self.max / 10 * 9;
         let mut total: u64 = files.iter().map(|f| f.len).sum();
@@ -153,11 +156,4 @@ impl LocalCache {
         tracing::debug!(removed, bytes = total, "local copies evicted");
         Ok(())
     }
-}
-
-fn crate_files(store: &FsStore) -> io::Result<Vec<super::StoredFile>> {
-    Ok(list_files(store.root())?
-        .into_iter()
-        .filter(|f| f.rel.ends_with(".crate"))
-        .collect())
 }

@@ -31,17 +31,22 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{
     ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
-    UpdateVersion, WriteMultipart,
+    WriteMultipart,
 };
 use tempfile::NamedTempFile;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::FsStore;
-use super::crates::{CrateInfo, StoredCrate};
-use super::local_cache::LocalCache;
+mod lease;
+mod local_cache;
+
+pub use lease::{LEASE_TTL, Lease};
+
+use super::{CrateInfo, FsStore, StoredCrate};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::names::CrateKey;
+use local_cache::LocalCache;
 
 /// Crates up to this size are uploaded with one PUT (read into memory); larger ones in parts
 /// of this size (S3 wants parts of at least 5 MiB).
@@ -58,10 +63,6 @@ pub const USAGE_DIR: &str = ".usage";
 
 /// Key (under the prefix) of the cleanup lease.
 pub const LOCK_KEY: &str = ".locks/cleanup";
-
-/// How long a cleanup lease lasts without renewal; a replica that dies holding it blocks
-/// cleanups for at most this long.
-pub const LEASE_TTL: Duration = Duration::from_secs(120);
 
 /// How often a held lease is renewed.
 const LEASE_RENEW: Duration = Duration::from_secs(30);
@@ -89,11 +90,11 @@ fn to_io(e: object_store::Error) -> io::Error {
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+pub(super) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
-fn from_unix_ms(ms: u64) -> SystemTime {
+pub(super) fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
@@ -169,8 +170,9 @@ impl S3Crates {
         self.store.clone()
     }
 
-    /// The object key of a crate (`rel` comes from [`crate::names::CrateKey`]).
-    pub fn key(&self, rel: &str) -> io::Result<Path> {
+    /// The object key of `rel` under the prefix (`rel` comes from a [`CrateKey`] or is one of
+    /// the fixed names above).
+    fn key(&self, rel: &str) -> io::Result<Path> {
         Path::parse(format!("{}{rel}", self.prefix))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
     }
@@ -197,7 +199,8 @@ impl S3Crates {
         self.local_cache.as_ref()
     }
 
-    pub async fn open_read(&self, rel: &str) -> io::Result<Option<StoredCrate>> {
+    pub(super) async fn open_read(&self, key: &CrateKey) -> io::Result<Option<StoredCrate>> {
+        let rel = &key.as_relative();
         if let Some(cache) = &self.local_cache
             && let Some((file, len)) = cache.open_read(rel).await
         {
@@ -217,7 +220,11 @@ impl S3Crates {
         }
     }
 
-    pub async fn len(&self, rel: &str) -> io::Result<Option<u64>> {
+    pub(super) async fn len(&self, key: &CrateKey) -> io::Result<Option<u64>> {
+        self.len_of(&key.as_relative()).await
+    }
+
+    async fn len_of(&self, rel: &str) -> io::Result<Option<u64>> {
         match self.store.head(&self.key(rel)?).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -228,10 +235,10 @@ impl S3Crates {
     /// Uploads a complete, verified temp file. The object appears only when the upload is
     /// complete; if another replica stored the same crate first, that copy stays. The file
     /// then becomes this replica's local copy, if it keeps copies.
-    pub async fn upload(&self, tmp: NamedTempFile, rel: &str) -> io::Result<()> {
-        self.put_file(&tmp, rel).await?;
+    pub(super) async fn upload(&self, tmp: NamedTempFile, key: &CrateKey) -> io::Result<()> {
+        let rel = key.as_relative();
+        self.put_file(&tmp, &rel).await?;
         if let Some(cache) = self.local_cache.clone() {
-            let rel = rel.to_string();
             let _ = tokio::task::spawn_blocking(move || cache.keep(tmp, &rel)).await;
         }
         Ok(())
@@ -259,7 +266,7 @@ impl S3Crates {
                 Err(e) => Err(to_io(e)),
             };
         }
-        if self.len(rel).await?.is_some() {
+        if self.len_of(rel).await?.is_some() {
             return Ok(()); // stored by another replica meanwhile
         }
         let upload = self.store.put_multipart(&key).await.map_err(to_io)?;
@@ -320,26 +327,27 @@ impl S3Crates {
                 }
                 continue;
             }
-            if rel.split('/').any(|s| s.starts_with('.')) || !rel.ends_with(".crate") {
-                continue;
+            // Only what parses as a crate key is a crate (not the lease, not stray objects).
+            if let Ok(key) = rel.parse::<CrateKey>() {
+                scan.crates
+                    .push((key, meta.size, object_time(meta.last_modified)));
             }
-            scan.crates
-                .push((rel.to_string(), meta.size, object_time(meta.last_modified)));
         }
         Ok(scan)
     }
 
-    pub async fn list(&self) -> io::Result<Vec<CrateInfo>> {
+    pub(super) async fn list(&self) -> io::Result<Vec<CrateInfo>> {
         let scan = self.scan().await?;
         Ok(scan
             .crates
             .iter()
-            .filter_map(|(rel, len, stored)| {
-                Some(CrateInfo {
-                    key: rel.parse().ok()?,
+            .map(|(key, len, stored)| {
+                let records = scan.records.get(&key.as_relative());
+                CrateInfo {
+                    key: key.clone(),
                     len: *len,
-                    last_use: newest(scan.records.get(rel)).map_or(*stored, |t| t.max(*stored)),
-                })
+                    last_use: newest(records).map_or(*stored, |t| t.max(*stored)),
+                }
             })
             .collect())
     }
@@ -360,7 +368,8 @@ impl S3Crates {
             .map(from_unix_ms))
     }
 
-    pub async fn last_use(&self, rel: &str) -> io::Result<Option<SystemTime>> {
+    pub(super) async fn last_use(&self, key: &CrateKey) -> io::Result<Option<SystemTime>> {
+        let rel = &key.as_relative();
         let key = self.key(rel)?;
         let (head, record) = tokio::join!(self.store.head(&key), self.newest_record(rel));
         let stored = match head {
@@ -372,7 +381,8 @@ impl S3Crates {
     }
 
     /// Deletes a crate and its usage records (and this replica's local copy).
-    pub async fn remove(&self, rel: &str) -> io::Result<bool> {
+    pub(super) async fn remove(&self, key: &CrateKey) -> io::Result<bool> {
+        let rel = &key.as_relative();
         if let Some(cache) = &self.local_cache {
             cache.remove(rel);
         }
@@ -411,15 +421,18 @@ impl S3Crates {
 
     /// Deletes usage records a newer record of the same crate supersedes, and the records of
     /// crates that are gone once they are older than `cutoff`. Returns how many went.
-    pub async fn prune_records(&self, cutoff: SystemTime) -> io::Result<usize> {
+    pub(super) async fn prune_records(&self, cutoff: SystemTime) -> io::Result<usize> {
         let scan = self.scan().await?;
-        let stored: std::collections::HashSet<&str> =
-            scan.crates.iter().map(|(rel, _, _)| rel.as_str()).collect();
+        let stored: std::collections::HashSet<String> = scan
+            .crates
+            .iter()
+            .map(|(key, _, _)| key.as_relative())
+            .collect();
         let mut doomed = Vec::new();
         for (rel, mut records) in scan.records {
             records.sort_by_key(|(_, t)| *t);
             let newest = records.last().map(|(_, t)| *t).unwrap_or(UNIX_EPOCH);
-            let keep = if stored.contains(rel.as_str()) || newest >= cutoff {
+            let keep = if stored.contains(&rel) || newest >= cutoff {
                 1
             } else {
                 0
@@ -432,10 +445,11 @@ impl S3Crates {
 
     /// Writes a usage record per crate, unless this process wrote one for it less than the
     /// resolution ago.
-    pub async fn record_uses(&self, uses: Vec<(String, SystemTime)>) -> usize {
+    pub(super) async fn record_uses(&self, uses: Vec<(CrateKey, SystemTime)>) -> usize {
         let todo: Vec<_> = {
             let written = self.written.lock().expect("lock poisoned");
             uses.into_iter()
+                .map(|(key, when)| (key.as_relative(), when))
                 .filter(|(rel, when)| {
                     written
                         .get(rel)
@@ -470,8 +484,9 @@ impl S3Crates {
         n
     }
 
-    pub fn use_slack(&self) -> Duration {
-        self.resolution + 2 * crate::usage::FLUSH_INTERVAL
+    /// A replica writes a crate's usage record at most once per this time.
+    pub(super) fn resolution(&self) -> Duration {
+        self.resolution
     }
 
     /// The bucket answers (the lease key need not exist).
@@ -504,248 +519,12 @@ impl S3Crates {
 
 #[derive(Default)]
 struct Scan {
-    /// (key relative to the prefix, size, upload time)
-    crates: Vec<(String, u64, SystemTime)>,
+    /// (crate, size, upload time)
+    crates: Vec<(CrateKey, u64, SystemTime)>,
     /// Usage records by crate key.
     records: HashMap<String, Vec<(Path, SystemTime)>>,
 }
 
 fn newest(records: Option<&Vec<(Path, SystemTime)>>) -> Option<SystemTime> {
     records?.iter().map(|(_, t)| *t).max()
-}
-
-/// The body of the lease object.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct LeaseBody {
-    owner: String,
-    expires_unix_ms: u64,
-}
-
-struct LeaseState {
-    store: Arc<AmazonS3>,
-    key: Path,
-    owner: String,
-    clock: Arc<dyn Clock>,
-    /// Version of the lease object this holder last wrote, and when it expires.
-    held: Mutex<(UpdateVersion, SystemTime)>,
-}
-
-impl LeaseState {
-    fn payload(&self) -> (PutPayload, SystemTime) {
-        let expires = self.clock.now() + LEASE_TTL;
-        let body = LeaseBody {
-            owner: self.owner.clone(),
-            expires_unix_ms: unix_ms(expires),
-        };
-        let json = serde_json::to_vec(&body).expect("serializable");
-        (PutPayload::from(json), expires)
-    }
-}
-
-/// The fleet-wide cleanup lock: an object created only if absent (`If-None-Match: *`), whose
-/// body names the holder and an expiry time. The holder renews it (`If-Match` on the version
-/// it wrote) while its pass runs and deletes it at the end; a lease past its expiry (its
-/// holder died) is taken over with `If-Match` on the version read, so of two replicas taking
-/// over the same stale lease only one wins. As a second guard for stores whose conditional
-/// writes are not atomic, the winner reads the lease back and proceeds only if it names it.
-/// Replicas' clocks must agree to well within [`LEASE_TTL`].
-pub struct Lease {
-    state: Arc<LeaseState>,
-    /// Cancelled when the lease is lost (or the caller's token is): the pass stops.
-    stop: CancellationToken,
-    renewal: CancellationToken,
-}
-
-impl Lease {
-    async fn acquire(
-        store: Arc<AmazonS3>,
-        key: Path,
-        clock: Arc<dyn Clock>,
-        stop: &CancellationToken,
-        every: Duration,
-    ) -> anyhow::Result<Option<Lease>> {
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-            .unwrap_or_else(|| "unknown".into());
-        let owner = format!(
-            "{}/{}/{}-{}",
-            host.trim(),
-            std::process::id(),
-            unix_ms(SystemTime::now()),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        let state = Arc::new(LeaseState {
-            store,
-            key,
-            owner,
-            clock,
-            held: Mutex::new((
-                UpdateVersion {
-                    e_tag: None,
-                    version: None,
-                },
-                UNIX_EPOCH,
-            )),
-        });
-        let mut won = None;
-        for _ in 0..2 {
-            let (payload, expires) = state.payload();
-            match state
-                .store
-                .put_opts(&state.key, payload, PutMode::Create.into())
-                .await
-            {
-                Ok(r) => {
-                    won = Some((UpdateVersion::from(r), expires));
-                    break;
-                }
-                Err(object_store::Error::AlreadyExists { .. }) => {}
-                Err(e) => return Err(e).context("taking the cleanup lease"),
-            }
-            let got = match state.store.get(&state.key).await {
-                Ok(got) => got,
-                Err(object_store::Error::NotFound { .. }) => continue, // just released
-                Err(e) => return Err(e).context("reading the cleanup lease"),
-            };
-            let current = UpdateVersion {
-                e_tag: got.meta.e_tag.clone(),
-                version: got.meta.version.clone(),
-            };
-            let body = got.bytes().await.context("reading the cleanup lease")?;
-            if let Ok(held) = serde_json::from_slice::<LeaseBody>(&body)
-                && from_unix_ms(held.expires_unix_ms) > state.clock.now()
-            {
-                tracing::info!(holder = %held.owner, "the cleanup lease is held");
-                return Ok(None);
-            }
-            // Expired (its holder died) or unreadable: take it over, unless someone else
-            // does first.
-            let (payload, expires) = state.payload();
-            match state
-                .store
-                .put_opts(&state.key, payload, PutMode::Update(current).into())
-                .await
-            {
-                Ok(r) => {
-                    tracing::warn!("took over a stale cleanup lease");
-                    won = Some((UpdateVersion::from(r), expires));
-                    break;
-                }
-                Err(
-                    object_store::Error::Precondition { .. }
-                    | object_store::Error::AlreadyExists { .. }
-                    | object_store::Error::NotFound { .. },
-                ) => return Ok(None),
-                Err(e) => return Err(e).context("taking over the cleanup lease"),
-            }
-        }
-        let Some(won) = won else {
-            return Ok(None);
-        };
-        // Read back: on a store that does not apply conditions atomically, the last of two
-        // concurrent writers is the one that holds it.
-        let got = state
-            .store
-            .get(&state.key)
-            .await
-            .context("reading the cleanup lease")?;
-        let body = got.bytes().await.context("reading the cleanup lease")?;
-        match serde_json::from_slice::<LeaseBody>(&body) {
-            Ok(b) if b.owner == state.owner => {}
-            _ => return Ok(None),
-        }
-        *state.held.lock().expect("lock poisoned") = won;
-        let lease = Lease {
-            state,
-            stop: stop.child_token(),
-            renewal: CancellationToken::new(),
-        };
-        tokio::spawn(renew(
-            lease.state.clone(),
-            lease.stop.clone(),
-            lease.renewal.clone(),
-            every,
-        ));
-        Ok(Some(lease))
-    }
-
-    /// Cancelled when the lease is lost: the pass must stop.
-    pub fn stop(&self) -> &CancellationToken {
-        &self.stop
-    }
-
-    /// Ends the renewals and deletes the lease if it is still this holder's.
-    pub async fn release(self) {
-        self.renewal.cancel();
-        let ours = self
-            .state
-            .held
-            .lock()
-            .expect("lock poisoned")
-            .0
-            .e_tag
-            .clone();
-        match self.state.store.head(&self.state.key).await {
-            Ok(meta) if meta.e_tag == ours => {
-                if let Err(e) = self.state.store.delete(&self.state.key).await {
-                    tracing::warn!(error = %e, "cannot release the cleanup lease; it expires by itself");
-                }
-            }
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot release the cleanup lease; it expires by itself");
-            }
-        }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.renewal.cancel();
-    }
-}
-
-/// Renews the lease `every` so often until `renewal` is cancelled; cancels `stop` if the
-/// lease is lost (taken over, or not renewed before it expired).
-async fn renew(
-    state: Arc<LeaseState>,
-    stop: CancellationToken,
-    renewal: CancellationToken,
-    every: Duration,
-) {
-    loop {
-        tokio::select! {
-            _ = renewal.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        let (version, expires) = state.held.lock().expect("lock poisoned").clone();
-        let (payload, new_expiry) = state.payload();
-        match state
-            .store
-            .put_opts(&state.key, payload, PutMode::Update(version).into())
-            .await
-        {
-            Ok(r) => {
-                *state.held.lock().expect("lock poisoned") = (UpdateVersion::from(r), new_expiry);
-            }
-            Err(
-                e @ (object_store::Error::Precondition { .. }
-                | object_store::Error::NotFound { .. }),
-            ) => {
-                tracing::error!(error = %e, "cleanup lease lost to another replica; stopping the pass");
-                stop.cancel();
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot renew the cleanup lease");
-                if state.clock.now() >= expires {
-                    tracing::error!("cleanup lease expired; stopping the pass");
-                    stop.cancel();
-                    return;
-                }
-            }
-        }
-    }
 }
