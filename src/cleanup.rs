@@ -33,10 +33,10 @@ use tokio_util::task::TaskTracker;
 use crate::jobs::{FirstRun, Schedule, spawn_scheduled};
 use crate::metrics::Metrics;
 
-use crate::config::Config;
+use crate::config::CleanupConfig;
 use crate::names::IndexPath;
 use crate::storage::fs::LockFile;
-use crate::storage::{CleanupLease, CrateStore, list_files};
+use crate::storage::{CleanupLease, CrateInfo, CrateStore, list_files};
 use crate::usage::{Usage, Use};
 
 /// Name of the lock file in the crate cache.
@@ -52,7 +52,7 @@ pub struct Rules {
 }
 
 impl Rules {
-    pub fn from_config(c: &Config) -> Rules {
+    pub fn from_config(c: &CleanupConfig) -> Rules {
         Rules {
             max_unused: c.max_unused,
             max_size: c.max_cache_size,
@@ -113,6 +113,15 @@ pub struct CleanupReport {
 pub struct Pass {
     pub report: CleanupReport,
     pub removed: Vec<Removal>,
+}
+
+/// What became of a crate a pass meant to remove.
+enum Candidate {
+    Removed,
+    /// Someone else removed it meanwhile.
+    Gone,
+    /// Used since the scan, or it could not be checked or removed (counted in the report).
+    Kept,
 }
 
 #[derive(Debug)]
@@ -315,7 +324,6 @@ impl Cleanup {
             if stop.is_cancelled() {
                 break;
             }
-            let rel = f.key.as_relative();
             let reason = if last_use < cutoff {
                 Reason::Unused
             } else if self.rules.max_size.is_some_and(|max| kept_bytes > max) {
@@ -324,41 +332,14 @@ impl Cleanup {
                 break; // sorted oldest first: every later file is newer and fits
             };
             if !dry_run {
-                if self.usage.pending(&Use::Crate(f.key.clone())).is_some() {
-                    report.skipped_in_use += 1;
-                    continue;
-                }
-                // Re-check: no use recorded since the scan (by any process or replica).
-                match self.crates.last_use(&f.key).await {
-                    Ok(Some(t)) if t == f.last_use => {}
-                    Ok(Some(_)) => {
-                        report.skipped_in_use += 1;
-                        continue;
-                    }
-                    Ok(None) => {
-                        // Removed by someone else meanwhile.
+                match self.remove_if_unused(&f, report).await {
+                    Candidate::Removed => {}
+                    Candidate::Gone => {
                         kept_files -= 1;
                         kept_bytes -= f.len;
                         continue;
                     }
-                    Err(e) => {
-                        report.errors += 1;
-                        tracing::warn!(file = %rel, error = %e, "cannot check a crate file");
-                        continue;
-                    }
-                }
-                match self.crates.remove(&f.key).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        kept_files -= 1;
-                        kept_bytes -= f.len;
-                        continue;
-                    }
-                    Err(e) => {
-                        report.errors += 1;
-                        tracing::warn!(file = %rel, error = %e, "cannot remove a crate file");
-                        continue;
-                    }
+                    Candidate::Kept => continue,
                 }
             }
             kept_files -= 1;
@@ -367,7 +348,7 @@ impl Cleanup {
             report.crate_bytes_removed += f.len;
             removed.push(Removal {
                 kind: FileKind::Crate,
-                rel,
+                rel: f.key.as_relative(),
                 bytes: f.len,
                 last_use,
                 reason,
@@ -382,6 +363,37 @@ impl Cleanup {
             }
         }
         Ok(())
+    }
+
+    /// Removes a crate the scan found unused, unless a use was recorded since (in this
+    /// process, or by any process or replica) or it cannot be checked.
+    async fn remove_if_unused(&self, f: &CrateInfo, report: &mut CleanupReport) -> Candidate {
+        if self.usage.pending(&Use::Crate(f.key.clone())).is_some() {
+            report.skipped_in_use += 1;
+            return Candidate::Kept;
+        }
+        match self.crates.last_use(&f.key).await {
+            Ok(Some(t)) if t == f.last_use => {}
+            Ok(Some(_)) => {
+                report.skipped_in_use += 1;
+                return Candidate::Kept;
+            }
+            Ok(None) => return Candidate::Gone,
+            Err(e) => {
+                report.errors += 1;
+                tracing::warn!(file = %f.key, error = %e, "cannot check a crate file");
+                return Candidate::Kept;
+            }
+        }
+        match self.crates.remove(&f.key).await {
+            Ok(true) => Candidate::Removed,
+            Ok(false) => Candidate::Gone,
+            Err(e) => {
+                report.errors += 1;
+                tracing::warn!(file = %f.key, error = %e, "cannot remove a crate file");
+                Candidate::Kept
+            }
+        }
     }
 
     fn index_pass(

@@ -464,9 +464,42 @@ fn parse_nonzero(s: &str) -> Result<usize, String> {
     }
 }
 
-/// Server configuration.
+/// Every setting, in groups (`#[command(flatten)]`: the flags and variables are the same as
+/// one flat list). Each part of the proxy is built from its own group.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
+    #[command(flatten)]
+    pub public: PublicConfig,
+    #[command(flatten)]
+    pub server: ServerConfig,
+    #[command(flatten)]
+    pub storage: StorageConfig,
+    #[command(flatten)]
+    pub upstream: UpstreamConfig,
+    #[command(flatten)]
+    pub sparse: SparseConfig,
+    #[command(flatten)]
+    pub git: GitConfig,
+    #[command(flatten)]
+    pub search: SearchConfig,
+    #[command(flatten)]
+    pub cleanup: CleanupConfig,
+
+    /// Log format: `text` or `json` (filter with RUST_LOG).
+    #[arg(
+        long,
+        env = "CRATERE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        help_heading = "Logging"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// The public URL written into config.json: primary host and alternate hosts.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Public URL")]
+pub struct PublicConfig {
     /// Scheme of the public URL written into config.json.
     #[arg(long, env = "CRATERE_SCHEME", value_enum, default_value = "http")]
     pub scheme: Scheme,
@@ -479,100 +512,20 @@ pub struct Config {
     #[arg(long, env = "CRATERE_PORT", default_value_t = 8000)]
     pub port: u16,
 
-    /// Directory of cached crate files.
-    #[arg(long, env = "CRATERE_CACHE", default_value = "./data/crates")]
-    pub cache: PathBuf,
-
-    /// Directory of index data (cached sparse index files, git mirror).
-    #[arg(long, env = "CRATERE_INDEX", default_value = "./data/index")]
-    pub index: PathBuf,
-
     /// Extra host names, as a JSON list of "host[:port]"; each gets a config.json that points
     /// at itself.
     #[arg(long, env = "CRATERE_ALTERNATE_HOSTS", default_value = "[]",
           value_parser = parse_alternate_hosts)]
     pub alternate_hosts: AlternateHosts,
+}
 
+/// Listening, connection limits, timeouts, TLS and shutdown.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Server")]
+pub struct ServerConfig {
     /// Socket address to listen on [default: 0.0.0.0:$CRATERE_PORT].
     #[arg(long, env = "CRATERE_LISTEN")]
     pub listen: Option<SocketAddr>,
-
-    /// Upstream sparse index.
-    #[arg(long, env = "CRATERE_UPSTREAM_SPARSE", default_value = "https://index.crates.io/",
-          value_parser = parse_base_url)]
-    pub upstream_sparse: Url,
-
-    /// Upstream download URL template (cargo's `dl` syntax) [default: the `dl` of upstream's
-    /// config.json].
-    #[arg(long, env = "CRATERE_UPSTREAM_DL", value_parser = parse_dl_template)]
-    pub upstream_dl: Option<String>,
-
-    /// How long a cached index file is served before it is revalidated upstream.
-    #[arg(long, env = "CRATERE_INDEX_TTL", default_value = "2m", value_parser = parse_duration)]
-    pub index_ttl: Duration,
-
-    /// Memory for the most used index files (0 turns it off), e.g. 32MiB; the disk cache
-    /// stays complete.
-    #[arg(long, env = "CRATERE_INDEX_MEMORY_CACHE", default_value = "32MiB",
-          value_parser = parse_size_or_zero)]
-    pub index_memory_cache: u64,
-
-    /// Mirror the upstream git index and serve it (config.json rewritten per host) over git
-    /// smart HTTP at /crates.io-index.
-    #[arg(long, env = "CRATERE_GIT_INDEX", default_value = "true",
-          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
-    pub git_index: bool,
-
-    /// Upstream git index: a URL (https, http, file, ssh, git), `host:path`, or a local path.
-    #[arg(long, env = "CRATERE_UPSTREAM_GIT",
-          default_value = "https://github.com/rust-lang/crates.io-index.git",
-          value_parser = parse_git_remote)]
-    pub upstream_git: GitRemote,
-
-    /// When the git index mirror syncs from upstream: cron, 5 fields (min hour dom mon dow) or
-    /// 6 with leading seconds, in UTC. The first sync runs at startup.
-    #[arg(long, env = "CRATERE_INDEX_UPDATE_SCHEDULE", default_value = "*/5 * * * *",
-          value_parser = parse_schedule)]
-    pub index_update_schedule: crate::jobs::Schedule,
-
-    /// Time allowed to connect to upstream.
-    #[arg(long, env = "CRATERE_UPSTREAM_CONNECT_TIMEOUT", default_value = "10s",
-          value_parser = parse_duration)]
-    pub upstream_connect_timeout: Duration,
-
-    /// Longest wait for the next bytes from upstream before the request is abandoned (below
-    /// cargo's 30 s low-speed limit, so a client gets an answer before it gives up).
-    #[arg(long, env = "CRATERE_UPSTREAM_IDLE_TIMEOUT", default_value = "20s",
-          value_parser = parse_duration)]
-    pub upstream_idle_timeout: Duration,
-
-    /// Most upstream requests in flight at once.
-    #[arg(long, env = "CRATERE_UPSTREAM_CONCURRENCY", default_value = "64",
-          value_parser = parse_nonzero)]
-    pub upstream_concurrency: usize,
-
-    /// Consecutive upstream failures (timeouts, refused connections, 5xx) after which
-    /// upstream is considered down: requests are then answered from the cache at once, and a
-    /// health probe checks upstream until it answers again.
-    #[arg(long, env = "CRATERE_UPSTREAM_FAILURE_THRESHOLD", default_value = "3",
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub upstream_failure_threshold: u32,
-
-    /// First wait before probing a down upstream (doubles after each failed probe, up to 5 min).
-    #[arg(long, env = "CRATERE_UPSTREAM_BACKOFF", default_value = "5s",
-          value_parser = parse_duration)]
-    pub upstream_backoff: Duration,
-
-    /// Upstream web API, for `cargo search`.
-    #[arg(long, env = "CRATERE_UPSTREAM_API", default_value = "https://crates.io",
-          value_parser = parse_base_url)]
-    pub upstream_api: Url,
-
-    /// Least time between two search requests to the upstream API (crates.io's data-access
-    /// policy asks for at most one per second).
-    #[arg(long, env = "CRATERE_SEARCH_INTERVAL", default_value = "1s",
-          value_parser = parse_duration)]
-    pub search_interval: Duration,
 
     /// Largest request head (request line and headers) accepted, in bytes.
     #[arg(long, env = "CRATERE_MAX_HEADER_BYTES", default_value = "16384",
@@ -603,37 +556,36 @@ pub struct Config {
     #[arg(long, env = "CRATERE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
-    /// Log format: `text` or `json` (filter with RUST_LOG).
-    #[arg(long, env = "CRATERE_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
-
     /// On SIGTERM/SIGINT, how long in-flight requests (downloads) may take to finish before
     /// the process exits anyway.
     #[arg(long, env = "CRATERE_SHUTDOWN_GRACE", default_value = "30s",
           value_parser = parse_duration)]
     pub shutdown_grace: Duration,
-    /// When the server cleans the cache: cron, 5 fields (min hour dom mon dow) or 6 with
-    /// leading seconds, in UTC; `off` for never (`cratere cleanup` still works).
-    #[arg(long, env = "CRATERE_CLEANUP_CACHE_SCHEDULE", default_value = "0 3 * * *",
-          value_parser = parse_cleanup_schedule)]
-    pub cleanup_cache_schedule: CleanupSchedule,
+}
 
-    /// Crate and index files not used for this many days are removed by a cleanup
-    /// (fractions allowed, e.g. 0.5).
-    #[arg(long = "max-days-unused", env = "CRATERE_MAX_DAYS_UNUSED", default_value = "90",
-          value_name = "DAYS", value_parser = parse_days)]
-    pub max_unused: Duration,
+/// Where cached files live: directories, and crate files on disk or in S3.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Storage")]
+pub struct StorageConfig {
+    /// Directory of cached crate files.
+    #[arg(long, env = "CRATERE_CACHE", default_value = "./data/crates")]
+    pub cache: PathBuf,
 
-    /// Most bytes of crate files to keep: after removing unused files, a cleanup removes the
-    /// least recently used ones until the rest fits (e.g. 50GiB, 500MB) [default: no limit].
-    #[arg(long, env = "CRATERE_MAX_CACHE_SIZE", value_name = "SIZE", value_parser = parse_size)]
-    pub max_cache_size: Option<u64>,
+    /// Directory of index data (cached sparse index files, git mirror).
+    #[arg(long, env = "CRATERE_INDEX", default_value = "./data/index")]
+    pub index: PathBuf,
 
     /// Where crate files are kept: `fs` (the directory CRATERE_CACHE) or `s3` (an
     /// S3-compatible bucket shared by several replicas; see CRATERE_S3_*). Index files and the
     /// git mirror always stay in CRATERE_INDEX.
-    #[arg(long, env = "CRATERE_STORAGE", value_enum, default_value = "fs")]
-    pub storage: StorageKind,
+    #[arg(
+        id = "storage",
+        long = "storage",
+        env = "CRATERE_STORAGE",
+        value_enum,
+        default_value = "fs"
+    )]
+    pub kind: StorageKind,
 
     /// S3 bucket of the crate files (required with CRATERE_STORAGE=s3). Credentials come from
     /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the other standard AWS sources).
@@ -674,6 +626,125 @@ pub struct Config {
     pub s3_credentials: Option<S3Credentials>,
 }
 
+/// The upstream sparse index and downloads, and how the proxy treats them.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Upstream")]
+pub struct UpstreamConfig {
+    /// Upstream sparse index.
+    #[arg(long, env = "CRATERE_UPSTREAM_SPARSE", default_value = "https://index.crates.io/",
+          value_parser = parse_base_url)]
+    pub upstream_sparse: Url,
+
+    /// Upstream download URL template (cargo's `dl` syntax) [default: the `dl` of upstream's
+    /// config.json].
+    #[arg(long, env = "CRATERE_UPSTREAM_DL", value_parser = parse_dl_template)]
+    pub upstream_dl: Option<String>,
+
+    /// Time allowed to connect to upstream.
+    #[arg(long, env = "CRATERE_UPSTREAM_CONNECT_TIMEOUT", default_value = "10s",
+          value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// Longest wait for the next bytes from upstream before the request is abandoned (below
+    /// cargo's 30 s low-speed limit, so a client gets an answer before it gives up).
+    #[arg(long, env = "CRATERE_UPSTREAM_IDLE_TIMEOUT", default_value = "20s",
+          value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
+    /// Most upstream requests in flight at once.
+    #[arg(long, env = "CRATERE_UPSTREAM_CONCURRENCY", default_value = "64",
+          value_parser = parse_nonzero)]
+    pub upstream_concurrency: usize,
+
+    /// Consecutive upstream failures (timeouts, refused connections, 5xx) after which
+    /// upstream is considered down: requests are then answered from the cache at once, and a
+    /// health probe checks upstream until it answers again.
+    #[arg(long, env = "CRATERE_UPSTREAM_FAILURE_THRESHOLD", default_value = "3",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub upstream_failure_threshold: u32,
+
+    /// First wait before probing a down upstream (doubles after each failed probe, up to 5 min).
+    #[arg(long, env = "CRATERE_UPSTREAM_BACKOFF", default_value = "5s",
+          value_parser = parse_duration)]
+    pub upstream_backoff: Duration,
+}
+
+/// The sparse index cache.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Sparse index")]
+pub struct SparseConfig {
+    /// How long a cached index file is served before it is revalidated upstream.
+    #[arg(long, env = "CRATERE_INDEX_TTL", default_value = "2m", value_parser = parse_duration)]
+    pub index_ttl: Duration,
+
+    /// Memory for the most used index files (0 turns it off), e.g. 32MiB; the disk cache
+    /// stays complete.
+    #[arg(long, env = "CRATERE_INDEX_MEMORY_CACHE", default_value = "32MiB",
+          value_parser = parse_size_or_zero)]
+    pub index_memory_cache: u64,
+}
+
+/// The git index mirror.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Git index")]
+pub struct GitConfig {
+    /// Mirror the upstream git index and serve it (config.json rewritten per host) over git
+    /// smart HTTP at /crates.io-index.
+    #[arg(long, env = "CRATERE_GIT_INDEX", default_value = "true",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub git_index: bool,
+
+    /// Upstream git index: a URL (https, http, file, ssh, git), `host:path`, or a local path.
+    #[arg(long, env = "CRATERE_UPSTREAM_GIT",
+          default_value = "https://github.com/rust-lang/crates.io-index.git",
+          value_parser = parse_git_remote)]
+    pub upstream_git: GitRemote,
+
+    /// When the git index mirror syncs from upstream: cron, 5 fields (min hour dom mon dow) or
+    /// 6 with leading seconds, in UTC. The first sync runs at startup.
+    #[arg(long, env = "CRATERE_INDEX_UPDATE_SCHEDULE", default_value = "*/5 * * * *",
+          value_parser = parse_schedule)]
+    pub index_update_schedule: crate::jobs::Schedule,
+}
+
+/// `cargo search` through the proxy.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Search")]
+pub struct SearchConfig {
+    /// Upstream web API, for `cargo search`.
+    #[arg(long, env = "CRATERE_UPSTREAM_API", default_value = "https://crates.io",
+          value_parser = parse_base_url)]
+    pub upstream_api: Url,
+
+    /// Least time between two search requests to the upstream API (crates.io's data-access
+    /// policy asks for at most one per second).
+    #[arg(long, env = "CRATERE_SEARCH_INTERVAL", default_value = "1s",
+          value_parser = parse_duration)]
+    pub search_interval: Duration,
+}
+
+/// What a cleanup removes, and when the server runs one.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Cache cleanup")]
+pub struct CleanupConfig {
+    /// When the server cleans the cache: cron, 5 fields (min hour dom mon dow) or 6 with
+    /// leading seconds, in UTC; `off` for never (`cratere cleanup` still works).
+    #[arg(long, env = "CRATERE_CLEANUP_CACHE_SCHEDULE", default_value = "0 3 * * *",
+          value_parser = parse_cleanup_schedule)]
+    pub cleanup_cache_schedule: CleanupSchedule,
+
+    /// Crate and index files not used for this many days are removed by a cleanup
+    /// (fractions allowed, e.g. 0.5).
+    #[arg(long = "max-days-unused", env = "CRATERE_MAX_DAYS_UNUSED", default_value = "90",
+          value_name = "DAYS", value_parser = parse_days)]
+    pub max_unused: Duration,
+
+    /// Most bytes of crate files to keep: after removing unused files, a cleanup removes the
+    /// least recently used ones until the rest fits (e.g. 50GiB, 500MB) [default: no limit].
+    #[arg(long, env = "CRATERE_MAX_CACHE_SIZE", value_name = "SIZE", value_parser = parse_size)]
+    pub max_cache_size: Option<u64>,
+}
+
 /// An access key and its secret (the secret is never printed).
 #[derive(Clone, PartialEq, Eq)]
 pub struct S3Credentials {
@@ -688,18 +759,11 @@ impl std::fmt::Debug for S3Credentials {
 }
 
 impl Config {
-    /// Where to bind.
+    /// Where to bind: `CRATERE_LISTEN`, or every address on the public port.
     pub fn listen_addr(&self) -> SocketAddr {
-        self.listen
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], self.port)))
-    }
-
-    /// The primary public host.
-    pub fn primary_host(&self) -> HostPort {
-        HostPort {
-            host: self.host.to_ascii_lowercase(),
-            port: Some(self.port),
-        }
+        self.server
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], self.public.port)))
     }
 
     /// A config for tests and embedding: defaults plus the given directories.
@@ -707,9 +771,61 @@ impl Config {
         let mut c = Cli::try_parse_args(["cratere"])
             .expect("defaults parse")
             .into_config();
-        c.cache = cache;
-        c.index = index;
+        c.storage.cache = cache;
+        c.storage.index = index;
         c
+    }
+}
+
+impl PublicConfig {
+    /// The primary public host.
+    pub fn primary_host(&self) -> HostPort {
+        HostPort {
+            host: self.host.to_ascii_lowercase(),
+            port: Some(self.port),
+        }
+    }
+}
+
+/// Where crate files live, resolved once from `CRATERE_STORAGE` and `CRATERE_S3_*`.
+#[derive(Debug, Clone)]
+pub enum StorageChoice {
+    /// The directory `CRATERE_CACHE`.
+    Fs,
+    S3(S3Settings),
+}
+
+/// The bucket of `CRATERE_STORAGE=s3`.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    pub bucket: String,
+    pub endpoint: S3Endpoint,
+    pub region: String,
+    pub path_style: bool,
+    pub prefix: S3Prefix,
+    pub local_cache_size: Option<u64>,
+    pub credentials: Option<S3Credentials>,
+}
+
+impl StorageConfig {
+    /// The storage these settings choose. On the command line clap already refuses
+    /// `CRATERE_STORAGE=s3` without a bucket; this names the setting for embedders too.
+    pub fn choice(&self) -> Result<StorageChoice, String> {
+        match self.kind {
+            StorageKind::Fs => Ok(StorageChoice::Fs),
+            StorageKind::S3 => Ok(StorageChoice::S3(S3Settings {
+                bucket: self
+                    .s3_bucket
+                    .clone()
+                    .ok_or("CRATERE_S3_BUCKET is required with CRATERE_STORAGE=s3")?,
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                path_style: self.s3_path_style,
+                prefix: self.s3_prefix.clone(),
+                local_cache_size: self.s3_local_cache_size,
+                credentials: self.s3_credentials.clone(),
+            })),
+        }
     }
 }
 
@@ -733,23 +849,29 @@ mod tests {
     #[test]
     fn defaults() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.scheme, Scheme::Http);
-        assert_eq!(c.host, "localhost");
-        assert_eq!(c.port, 8000);
+        assert_eq!(c.public.scheme, Scheme::Http);
+        assert_eq!(c.public.host, "localhost");
+        assert_eq!(c.public.port, 8000);
         assert_eq!(c.listen_addr().to_string(), "0.0.0.0:8000");
-        assert_eq!(c.upstream_sparse.as_str(), "https://index.crates.io/");
-        assert_eq!(c.index_ttl, Duration::from_secs(120));
-        assert_eq!(c.cache, PathBuf::from("./data/crates"));
-        assert!(c.alternate_hosts.0.is_empty());
-        assert!(c.git_index);
         assert_eq!(
-            c.upstream_git.as_str(),
+            c.upstream.upstream_sparse.as_str(),
+            "https://index.crates.io/"
+        );
+        assert_eq!(c.sparse.index_ttl, Duration::from_secs(120));
+        assert_eq!(c.storage.cache, PathBuf::from("./data/crates"));
+        assert!(c.public.alternate_hosts.0.is_empty());
+        assert!(c.git.git_index);
+        assert_eq!(
+            c.git.upstream_git.as_str(),
             "https://github.com/rust-lang/crates.io-index.git"
         );
-        assert_eq!(c.index_update_schedule.to_string(), "*/5 * * * *");
-        assert_eq!(c.cleanup_cache_schedule.0.unwrap().to_string(), "0 3 * * *");
-        assert_eq!(c.max_unused, Duration::from_secs(90 * 86_400));
-        assert_eq!(c.max_cache_size, None);
+        assert_eq!(c.git.index_update_schedule.to_string(), "*/5 * * * *");
+        assert_eq!(
+            c.cleanup.cleanup_cache_schedule.0.unwrap().to_string(),
+            "0 3 * * *"
+        );
+        assert_eq!(c.cleanup.max_unused, Duration::from_secs(90 * 86_400));
+        assert_eq!(c.cleanup.max_cache_size, None);
     }
 
     #[test]
@@ -763,14 +885,14 @@ mod tests {
             "50GiB",
         ])
         .unwrap();
-        assert!(c.cleanup_cache_schedule.0.is_some());
-        assert_eq!(c.max_unused.as_millis(), 17_280);
-        assert_eq!(c.max_cache_size, Some(50 << 30));
+        assert!(c.cleanup.cleanup_cache_schedule.0.is_some());
+        assert_eq!(c.cleanup.max_unused.as_millis(), 17_280);
+        assert_eq!(c.cleanup.max_cache_size, Some(50 << 30));
         let c = parse(&["--max-cache-size", "500MB", "--max-days-unused", "1.5"]).unwrap();
-        assert_eq!(c.max_cache_size, Some(500_000_000));
-        assert_eq!(c.max_unused, Duration::from_secs(36 * 3600));
+        assert_eq!(c.cleanup.max_cache_size, Some(500_000_000));
+        assert_eq!(c.cleanup.max_unused, Duration::from_secs(36 * 3600));
         let c = parse(&["--cleanup-cache-schedule", "off"]).unwrap();
-        assert!(c.cleanup_cache_schedule.0.is_none());
+        assert!(c.cleanup.cleanup_cache_schedule.0.is_none());
     }
 
     #[test]
@@ -782,7 +904,7 @@ mod tests {
             panic!("not cleanup")
         };
         assert!(a.dry_run);
-        assert_eq!(a.config.max_unused, Duration::from_secs(7 * 86_400));
+        assert_eq!(a.config.cleanup.max_unused, Duration::from_secs(7 * 86_400));
         let cli = Cli::try_parse_args(["cratere", "warm", "a/Cargo.lock", "b.lock", "--jobs", "4"])
             .unwrap();
         let Some(Command::Warm(a)) = cli.command else {
@@ -799,8 +921,8 @@ mod tests {
     #[test]
     fn serve_subcommand_takes_the_same_options() {
         let c = parse(&["serve", "--port", "9001", "--git-index", "false"]).unwrap();
-        assert_eq!(c.port, 9001);
-        assert!(!c.git_index);
+        assert_eq!(c.public.port, 9001);
+        assert!(!c.git.git_index);
         assert_eq!(c.listen_addr().to_string(), "0.0.0.0:9001");
     }
 
@@ -818,7 +940,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            c.alternate_hosts.0,
+            c.public.alternate_hosts.0,
             vec![
                 HostPort {
                     host: "mirror.example".into(),
@@ -830,8 +952,11 @@ mod tests {
                 }
             ]
         );
-        assert_eq!(c.upstream_sparse.as_str(), "http://127.0.0.1:1234/idx/");
-        assert_eq!(c.index_ttl, Duration::from_secs(90));
+        assert_eq!(
+            c.upstream.upstream_sparse.as_str(),
+            "http://127.0.0.1:1234/idx/"
+        );
+        assert_eq!(c.sparse.index_ttl, Duration::from_secs(90));
     }
 
     #[test]
@@ -918,13 +1043,13 @@ mod tests {
     #[test]
     fn storage_settings() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.storage, StorageKind::Fs);
-        assert_eq!(c.s3_bucket, None);
-        assert_eq!(c.s3_endpoint, S3Endpoint(None));
-        assert_eq!(c.s3_region, "us-east-1");
-        assert!(!c.s3_path_style);
-        assert_eq!(c.s3_prefix.as_str(), "");
-        assert_eq!(c.s3_local_cache_size, None);
+        assert_eq!(c.storage.kind, StorageKind::Fs);
+        assert_eq!(c.storage.s3_bucket, None);
+        assert_eq!(c.storage.s3_endpoint, S3Endpoint(None));
+        assert_eq!(c.storage.s3_region, "us-east-1");
+        assert!(!c.storage.s3_path_style);
+        assert_eq!(c.storage.s3_prefix.as_str(), "");
+        assert_eq!(c.storage.s3_local_cache_size, None);
         let c = parse(&[
             "--storage",
             "s3",
@@ -942,13 +1067,16 @@ mod tests {
             "2GiB",
         ])
         .unwrap();
-        assert_eq!(c.s3_local_cache_size, Some(2 << 30));
-        assert_eq!(c.storage, StorageKind::S3);
-        assert_eq!(c.s3_bucket.as_deref(), Some("crates"));
-        assert_eq!(c.s3_endpoint.0.as_deref(), Some("http://127.0.0.1:9000"));
-        assert_eq!(c.s3_region, "eu-west-3");
-        assert!(c.s3_path_style);
-        assert_eq!(c.s3_prefix.as_str(), "cratere/prod/");
+        assert_eq!(c.storage.s3_local_cache_size, Some(2 << 30));
+        assert_eq!(c.storage.kind, StorageKind::S3);
+        assert_eq!(c.storage.s3_bucket.as_deref(), Some("crates"));
+        assert_eq!(
+            c.storage.s3_endpoint.0.as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        assert_eq!(c.storage.s3_region, "eu-west-3");
+        assert!(c.storage.s3_path_style);
+        assert_eq!(c.storage.s3_prefix.as_str(), "cratere/prod/");
         let c = parse(&[
             "--storage",
             "s3",
@@ -958,7 +1086,7 @@ mod tests {
             "",
         ])
         .unwrap();
-        assert_eq!(c.s3_endpoint, S3Endpoint(None));
+        assert_eq!(c.storage.s3_endpoint, S3Endpoint(None));
     }
 
     #[test]
@@ -970,8 +1098,8 @@ mod tests {
             "*/10 * * * * *",
         ])
         .unwrap();
-        assert_eq!(c.upstream_git.as_str(), "file:///srv/index.git");
-        assert_eq!(c.index_update_schedule.to_string(), "*/10 * * * * *");
+        assert_eq!(c.git.upstream_git.as_str(), "file:///srv/index.git");
+        assert_eq!(c.git.index_update_schedule.to_string(), "*/10 * * * * *");
         for ok in [
             "https://example.com/index.git",
             "ssh://git@example.com/index.git",

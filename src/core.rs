@@ -35,15 +35,16 @@ impl Lifecycle {
     /// without a usage record yet are adopted by [`crate::usage::spawn_jobs`] in the
     /// background, or by the first cleanup, whichever comes first.
     pub fn open(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Lifecycle> {
-        let crates = CrateStore::open(config)?;
-        let index_store = FsStore::open(&config.index.join("sparse"))
-            .with_context(|| format!("CRATERE_INDEX={}", config.index.display()))?;
+        let dirs = &config.storage;
+        let crates = CrateStore::open(dirs, config.cleanup.max_unused)?;
+        let index_store = FsStore::open(&dirs.index.join("sparse"))
+            .with_context(|| format!("CRATERE_INDEX={}", dirs.index.display()))?;
         let usage = Arc::new(Usage::new(crates.clone(), index_store.root(), clock));
         let cleanup = Arc::new(Cleanup::new(
             crates.clone(),
             index_store.root(),
             usage.clone(),
-            Rules::from_config(config),
+            Rules::from_config(&config.cleanup),
         ));
         Ok(Lifecycle {
             crates,
@@ -77,22 +78,22 @@ impl Core {
             cleanup,
         } = Lifecycle::open(config, clock.clone())?;
         let metrics = Arc::new(Metrics::new());
-        let upstream =
-            Upstream::new(config, metrics.clone()).context("building the upstream HTTP client")?;
+        let upstream = Upstream::new(&config.upstream, metrics.clone())
+            .context("building the upstream HTTP client")?;
         let index = Arc::new(IndexCache::new(
             index_store,
             upstream.clone(),
-            config.index_ttl,
+            config.sparse.index_ttl,
             metrics.clone(),
             usage.clone(),
-            config.index_memory_cache,
+            config.sparse.index_memory_cache,
             clock.clone(),
         ));
         let downloads = Arc::new(Downloads::new(
             crates.clone(),
             index.clone(),
             upstream.clone(),
-            config.upstream_dl.clone(),
+            config.upstream.upstream_dl.clone(),
             metrics.clone(),
             usage.clone(),
         ));

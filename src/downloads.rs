@@ -337,6 +337,42 @@ impl Downloads {
                 key.version()
             )));
         };
+        let (written, hasher, writer) = self.receive(&mut body, tmp, flight, &rel).await?;
+        let got = hex::encode(hasher.finalize());
+        if got != cksum {
+            tracing::error!(krate = %rel, expected = %cksum, got = %got, "checksum mismatch");
+            self.metrics
+                .upstream_error(Kind::Crate, "checksum", "checksum mismatch");
+            return Err(DownloadError::Checksum);
+        }
+        let Some(writer) = writer else {
+            return Ok(Progress::Done { len: written });
+        };
+        if self.store.is_remote() {
+            // Clients get their last bytes now, from the temp file; the upload follows.
+            flight
+                .state
+                .send_replace(Progress::Verified { len: written });
+        }
+        match self.store.store(writer, key).await {
+            Ok(()) => self.metrics.crate_stored(written),
+            Err(e) => {
+                tracing::warn!(krate = %rel, error = %e, "crate verified but could not be stored")
+            }
+        }
+        Ok(Progress::Done { len: written })
+    }
+
+    /// Streams an upstream body into the temp file (or, once the disk fails, into the
+    /// flight's spill), hashing it and publishing progress. Returns the length, the hash and
+    /// the temp file (`None` when the disk failed: the crate is then served, not cached).
+    async fn receive(
+        &self,
+        body: &mut crate::upstream::CrateBody,
+        tmp: Option<tempfile::NamedTempFile>,
+        flight: &Flight,
+        rel: &str,
+    ) -> Result<(u64, Sha256, Option<tempfile::NamedTempFile>), DownloadError> {
         let total = body.len;
         flight
             .state
@@ -390,29 +426,7 @@ impl Downloads {
                 self.upstream.failed(Kind::Crate, e),
             ));
         }
-        let got = hex::encode(hasher.finalize());
-        if got != cksum {
-            tracing::error!(krate = %rel, expected = %cksum, got = %got, "checksum mismatch");
-            self.metrics
-                .upstream_error(Kind::Crate, "checksum", "checksum mismatch");
-            return Err(DownloadError::Checksum);
-        }
-        let Some(writer) = writer else {
-            return Ok(Progress::Done { len: written });
-        };
-        if self.store.is_remote() {
-            // Clients get their last bytes now, from the temp file; the upload follows.
-            flight
-                .state
-                .send_replace(Progress::Verified { len: written });
-        }
-        match self.store.store(writer, key).await {
-            Ok(()) => self.metrics.crate_stored(written),
-            Err(e) => {
-                tracing::warn!(krate = %rel, error = %e, "crate verified but could not be stored")
-            }
-        }
-        Ok(Progress::Done { len: written })
+        Ok((written, hasher, writer))
     }
 
     /// The canonical name and sha256 of a version, from the index (revalidated once if the

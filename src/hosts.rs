@@ -3,7 +3,7 @@
 //! config.json commits are written for each of them; a `Host` header is only ever matched
 //! against this list, never reflected.
 
-use crate::config::{Config, HostPort, Scheme};
+use crate::config::{HostPort, PublicConfig, Scheme};
 
 /// The public URLs this proxy answers to: the primary host and the alternate hosts.
 #[derive(Debug, Clone)]
@@ -14,7 +14,7 @@ pub struct PublicHosts {
 }
 
 impl PublicHosts {
-    pub fn new(config: &Config) -> PublicHosts {
+    pub fn new(config: &PublicConfig) -> PublicHosts {
         PublicHosts {
             scheme: config.scheme,
             primary: config.primary_host(),
@@ -61,7 +61,7 @@ mod tests {
     use super::*;
 
     fn hosts(alternates: &str) -> PublicHosts {
-        let mut c = Config::for_dirs("c".into(), "i".into());
+        let mut c = crate::config::Config::for_dirs("c".into(), "i".into()).public;
         c.host = "proxy.example".into();
         c.port = 8000;
         c.alternate_hosts = crate::config::AlternateHosts(

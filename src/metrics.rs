@@ -179,135 +179,162 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
+impl GitGauges {
+    fn registered(registry: &mut Registry) -> GitGauges {
+        let gauges = GitGauges::default();
+        registry.register(
+            "git_index_ready",
+            "1 once the git index mirror serves every host",
+            gauges.ready.clone(),
+        );
+        registry.register(
+            "git_sync_last_success_timestamp_seconds",
+            "Start time of the last successful git index sync (unix seconds)",
+            gauges.last_success.clone(),
+        );
+        registry.register(
+            "git_sync_last_duration_seconds",
+            "Duration of the last git index sync attempt",
+            gauges.last_duration.clone(),
+        );
+        registry.register(
+            "git_sync_last_ok",
+            "1 if the last git index sync attempt succeeded, 0 if it failed",
+            gauges.last_ok.clone(),
+        );
+        registry.register(
+            "git_sync_attempts",
+            "Git index sync attempts since start",
+            gauges.attempts.clone(),
+        );
+        registry.register(
+            "git_sync_failures",
+            "Failed git index sync attempts since start",
+            gauges.failures.clone(),
+        );
+        gauges
+    }
+}
+
+impl CleanupGauges {
+    fn registered(registry: &mut Registry) -> CleanupGauges {
+        let gauges = CleanupGauges::default();
+        registry.register(
+            "cleanup_last_run_timestamp_seconds",
+            "Start time of the last cache cleanup (unix seconds)",
+            gauges.last_run.clone(),
+        );
+        registry.register(
+            "cleanup_last_duration_seconds",
+            "Duration of the last cache cleanup",
+            gauges.last_duration.clone(),
+        );
+        registry.register(
+            "cleanup_last_removed_files",
+            "Files removed by the last cache cleanup",
+            gauges.removed_files.clone(),
+        );
+        registry.register(
+            "cleanup_last_removed_bytes",
+            "Bytes removed by the last cache cleanup",
+            gauges.removed_bytes.clone(),
+        );
+        gauges
+    }
+}
+
+/// Registers `metric` under `name` and hands it back.
+fn register<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
+    /// Every exported series, registered in one place. Over 80 lines, and kept whole: it is a
+    /// flat list of declarations (name, help, kind), read as the catalogue of `/metrics`.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("cratere");
-        let cache = Family::<CacheLabels, Counter>::default();
-        registry.register(
+        let cache = register(
+            &mut registry,
             "cache_requests",
             "Requests for index files and crates by cache outcome (hit, miss, revalidated, stale)",
-            cache.clone(),
+            Family::<CacheLabels, Counter>::default(),
         );
-        let coalesced = Family::<KindLabels, Counter>::default();
-        registry.register(
+        let coalesced = register(
+            &mut registry,
             "coalesced_requests",
             "Requests that joined an upstream fetch already in flight",
-            coalesced.clone(),
+            Family::<KindLabels, Counter>::default(),
         );
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
+        let requests = register(
+            &mut registry,
             "http_requests",
             "HTTP requests by route and status",
-            requests.clone(),
+            Family::<RequestLabels, Counter>::default(),
         );
         registry.register(
             "sendfile_bytes",
             "Body bytes sent with sendfile(2), straight from the page cache (process-wide)",
             crate::sendfile::BYTES_SENT.clone(),
         );
-        let versions = Family::<VersionLabels, Counter>::default();
-        registry.register(
+        let versions = register(
+            &mut registry,
             "http_requests_by_version",
             "HTTP requests by protocol version (HTTP/1.1, HTTP/2.0)",
-            versions.clone(),
+            Family::<VersionLabels, Counter>::default(),
         );
-        let bytes = Family::<SourceLabels, Counter>::default();
-        registry.register(
+        let bytes = register(
+            &mut registry,
             "bytes",
             "Body bytes served from the cache (source=cache) and fetched from upstream (source=upstream)",
-            bytes.clone(),
+            Family::<SourceLabels, Counter>::default(),
         );
-        let upstream_latency = Family::<KindLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.005, 2.0, 14))
-        });
-        registry.register(
+        let upstream_latency = register(
+            &mut registry,
             "upstream_response_seconds",
             "Time from an upstream request to its response headers",
-            upstream_latency.clone(),
+            Family::<KindLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 14))
+            }),
         );
-        let upstream_errors = Family::<ErrorLabels, Counter>::default();
-        registry.register(
+        let upstream_errors = register(
+            &mut registry,
             "upstream_errors",
             "Failed upstream requests by kind of failure",
-            upstream_errors.clone(),
+            Family::<ErrorLabels, Counter>::default(),
         );
-        let downloads_in_flight = Gauge::default();
-        registry.register(
+        let downloads_in_flight = register(
+            &mut registry,
             "downloads_in_flight",
             "Crate downloads from upstream in progress",
-            downloads_in_flight.clone(),
+            Gauge::default(),
         );
-        let cache_files = Gauge::default();
-        registry.register(
+        let cache_files = register(
+            &mut registry,
             "cache_files",
             "Crate files in the cache (as of the last scan, plus files added since)",
-            cache_files.clone(),
+            Gauge::default(),
         );
-        let cache_bytes = Gauge::default();
-        registry.register(
+        let cache_bytes = register(
+            &mut registry,
             "cache_size_bytes",
             "Bytes of crate files in the cache (as of the last scan, plus files added since)",
-            cache_bytes.clone(),
+            Gauge::default(),
         );
-        let upstream_up = Gauge::default();
-        registry.register(
+        let upstream_up = register(
+            &mut registry,
             "upstream_up",
             "1 while upstream is considered up, 0 while marked down after repeated failures",
-            upstream_up.clone(),
+            Gauge::default(),
         );
         upstream_up.set(1);
-        let git = GitGauges::default();
-        registry.register(
-            "git_index_ready",
-            "1 once the git index mirror serves every host",
-            git.ready.clone(),
-        );
-        registry.register(
-            "git_sync_last_success_timestamp_seconds",
-            "Start time of the last successful git index sync (unix seconds)",
-            git.last_success.clone(),
-        );
-        registry.register(
-            "git_sync_last_duration_seconds",
-            "Duration of the last git index sync attempt",
-            git.last_duration.clone(),
-        );
-        registry.register(
-            "git_sync_last_ok",
-            "1 if the last git index sync attempt succeeded, 0 if it failed",
-            git.last_ok.clone(),
-        );
-        registry.register(
-            "git_sync_attempts",
-            "Git index sync attempts since start",
-            git.attempts.clone(),
-        );
-        registry.register(
-            "git_sync_failures",
-            "Failed git index sync attempts since start",
-            git.failures.clone(),
-        );
-        let cleanup = CleanupGauges::default();
-        registry.register(
-            "cleanup_last_run_timestamp_seconds",
-            "Start time of the last cache cleanup (unix seconds)",
-            cleanup.last_run.clone(),
-        );
-        registry.register(
-            "cleanup_last_duration_seconds",
-            "Duration of the last cache cleanup",
-            cleanup.last_duration.clone(),
-        );
-        registry.register(
-            "cleanup_last_removed_files",
-            "Files removed by the last cache cleanup",
-            cleanup.removed_files.clone(),
-        );
-        registry.register(
-            "cleanup_last_removed_bytes",
-            "Bytes removed by the last cache cleanup",
-            cleanup.removed_bytes.clone(),
-        );
+        let git = GitGauges::registered(&mut registry);
+        let cleanup = CleanupGauges::registered(&mut registry);
         Metrics {
             registry,
             upstream_up,

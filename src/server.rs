@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::{TowerToHyperService, TowerToHyperServiceFuture};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -30,7 +30,7 @@ pub async fn run(
     state: AppState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let config = state.config.clone();
+    let config = state.config.server.clone();
     let jobs = TaskTracker::new();
     state.spawn_jobs(&jobs, &shutdown);
     crate::sendfile::spawn_expiry(&jobs, &shutdown);
@@ -107,15 +107,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
 }
 
-/// Serves `app` until `shutdown`; then waits up to `grace` for open connections to finish.
-async fn serve(
-    listener: TcpListener,
-    app: Router,
-    limits: Limits,
-    tls: Option<TlsAcceptor>,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
+/// hyper's HTTP/1.1 and HTTP/2 settings: the limits on heads, streams and idle time.
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -130,6 +123,82 @@ async fn serve(
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_concurrent_streams(256)
         .keep_alive_interval(Duration::from_secs(30));
+    builder
+}
+
+/// One plain connection: `sendfile` for hits on HTTP/1.1, h2c upgrades, prior-knowledge
+/// HTTP/2.
+fn serve_plain(
+    stream: TcpStream,
+    app: &Router,
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    limits: &Limits,
+) {
+    let service = PlainService {
+        inner: TowerToHyperService::new(app.clone()),
+        upgrade: Arc::new(UpgradeCtx {
+            app: app.clone(),
+            builder: builder.clone(),
+            watcher: std::sync::Mutex::new(Some(graceful.watcher())),
+            preface_timeout: limits.header_read_timeout,
+            max_header_list: limits.max_header_bytes,
+        }),
+    };
+    let io = TokioIo::new(crate::sendfile::SendfileStream::new(stream));
+    let conn = builder
+        .serve_connection_with_upgrades(io, service)
+        .into_owned();
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
+}
+
+/// One TLS connection: the handshake within the head-read timeout, then HTTP/1.1 or HTTP/2
+/// as ALPN chose.
+fn serve_tls(
+    stream: TcpStream,
+    app: &Router,
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    limits: &Limits,
+    acceptor: &TlsAcceptor,
+) {
+    let service = TowerToHyperService::new(app.clone());
+    let (acceptor, builder) = (acceptor.clone(), builder.clone());
+    let handshake_timeout = limits.header_read_timeout;
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(tls), service)
+            .into_owned();
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
+}
+
+/// Serves `app` until `shutdown`; then waits up to `grace` for open connections to finish.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let builder = connection_builder(&limits);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, _peer) = tokio::select! {
@@ -146,52 +215,8 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         match &tls {
-            None => {
-                let service = PlainService {
-                    inner: TowerToHyperService::new(app.clone()),
-                    upgrade: Arc::new(UpgradeCtx {
-                        app: app.clone(),
-                        builder: builder.clone(),
-                        watcher: std::sync::Mutex::new(Some(graceful.watcher())),
-                        preface_timeout: limits.header_read_timeout,
-                        max_header_list: limits.max_header_bytes,
-                    }),
-                };
-                let io = TokioIo::new(crate::sendfile::SendfileStream::new(stream));
-                let conn = builder
-                    .serve_connection_with_upgrades(io, service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            Some(acceptor) => {
-                let service = TowerToHyperService::new(app.clone());
-                let (acceptor, builder) = (acceptor.clone(), builder.clone());
-                let handshake_timeout = limits.header_read_timeout;
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
+            None => serve_plain(stream, &app, &builder, &graceful, &limits),
+            Some(acceptor) => serve_tls(stream, &app, &builder, &graceful, &limits, acceptor),
         }
     }
     drop(listener);

@@ -14,7 +14,7 @@ use url::Url;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::UpstreamConfig;
 use crate::jobs::{FirstRun, spawn_scheduled};
 use crate::metrics::{Kind, Metrics};
 use crate::names::{CrateName, Version};
@@ -249,7 +249,7 @@ impl Upstream {
         self.idle_timeout
     }
 
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Upstream> {
+    pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> anyhow::Result<Upstream> {
         let client = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(config.upstream_connect_timeout)

@@ -53,7 +53,7 @@ async fn cargo_fetches_and_builds_through_the_proxy_and_again_with_upstream_down
 
     // Same directories, upstream unreachable, a cargo with an empty CARGO_HOME.
     let mut cfg = Proxy::config("http://127.0.0.1:9/", &data);
-    cfg.index_ttl = std::time::Duration::ZERO; // force revalidation: upstream is down
+    cfg.sparse.index_ttl = std::time::Duration::ZERO; // force revalidation: upstream is down
     let proxy = Proxy::start_with(cfg).await;
     let home = cargo_home(&work.path().join("home2"), &proxy.url);
     std::fs::remove_dir_all(project.join("target")).unwrap();

@@ -61,8 +61,8 @@ async fn the_s3_overlay_runs_several_replicas_on_one_bucket() {
         &kinds["Service"],
     );
     let config = parse_config_map(cm);
-    assert_eq!(config.storage, cratere::config::StorageKind::S3);
-    let bucket = config.s3_bucket.clone().expect("a bucket");
+    assert_eq!(config.storage.kind, cratere::config::StorageKind::S3);
+    let bucket = config.storage.s3_bucket.clone().expect("a bucket");
 
     assert!(dep["spec"]["replicas"].as_u64().unwrap() >= 2);
     assert_ne!(s(&dep["spec"]["strategy"]["type"]), "Recreate");
@@ -91,14 +91,15 @@ async fn the_s3_overlay_runs_several_replicas_on_one_bucket() {
         s(&spec["volumes"][0]["name"])
     );
     assert!(spec["volumes"][0]["emptyDir"].is_mapping());
-    assert!(config.cache.starts_with(mount) && config.index.starts_with(mount));
+    assert!(config.storage.cache.starts_with(mount) && config.storage.index.starts_with(mount));
     assert_eq!(
         c["ports"][0]["containerPort"].as_u64().unwrap(),
-        config.port as u64
+        config.public.port as u64
     );
     assert!(spec["securityContext"]["runAsNonRoot"].as_bool().unwrap());
     assert!(
-        spec["terminationGracePeriodSeconds"].as_u64().unwrap() > config.shutdown_grace.as_secs()
+        spec["terminationGracePeriodSeconds"].as_u64().unwrap()
+            > config.server.shutdown_grace.as_secs()
     );
     assert_eq!(
         svc["spec"]["selector"],
@@ -117,8 +118,8 @@ async fn the_s3_overlay_runs_several_replicas_on_one_bucket() {
     let dir = tempfile::tempdir().unwrap();
     let mut local = common::Proxy::config(&up.url, dir.path());
     s3.configure(&mut local);
-    local.s3_prefix = config.s3_prefix.clone();
-    local.s3_region = config.s3_region.clone();
+    local.storage.s3_prefix = config.storage.s3_prefix.clone();
+    local.storage.s3_region = config.storage.s3_region.clone();
     let proxy = common::Proxy::start_with(local).await;
     for probe in ["readinessProbe", "livenessProbe"] {
         let path = s(&c[probe]["httpGet"]["path"]);
@@ -128,7 +129,10 @@ async fn the_s3_overlay_runs_several_replicas_on_one_bucket() {
     assert_eq!(r.bytes().await.unwrap(), bytes);
     common::wait_until_async(
         || async {
-            let key = format!("{}pr/ob/probe/probe-1.0.0.crate", config.s3_prefix.as_str());
+            let key = format!(
+                "{}pr/ob/probe/probe-1.0.0.crate",
+                config.storage.s3_prefix.as_str()
+            );
             s3.keys().await.contains(&key)
         },
         "the crate under the prefix",
@@ -167,20 +171,20 @@ async fn kubernetes_manifests_fit_together_and_with_the_binary() {
     );
     assert_eq!(
         c["ports"][0]["containerPort"].as_u64().unwrap(),
-        config.port as u64
+        config.public.port as u64
     );
     assert_eq!(
         s(&spec["volumes"][0]["persistentVolumeClaim"]["claimName"]),
         s(&pvc["metadata"]["name"])
     );
     let mount = s(&c["volumeMounts"][0]["mountPath"]);
-    assert!(config.cache.starts_with(mount) && config.index.starts_with(mount));
+    assert!(config.storage.cache.starts_with(mount) && config.storage.index.starts_with(mount));
     assert!(c["resources"]["requests"]["cpu"].as_str().is_some());
     assert!(c["resources"]["requests"]["memory"].as_str().is_some());
     assert!(spec["securityContext"]["runAsNonRoot"].as_bool().unwrap());
     let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
-        grace > config.shutdown_grace.as_secs(),
+        grace > config.server.shutdown_grace.as_secs(),
         "pod grace covers CRATERE_SHUTDOWN_GRACE"
     );
     assert_eq!(

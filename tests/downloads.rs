@@ -182,7 +182,7 @@ async fn assert_fault_is_not_cached(fault: Fault) {
     let bytes = up.publish("rand", "0.8.5", 200_000);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.upstream_idle_timeout = Duration::from_millis(500);
+    cfg.upstream.upstream_idle_timeout = Duration::from_millis(500);
     let proxy = Proxy::start_with(cfg).await;
     up.set_fault(Target::Crate, fault.clone());
     let r = proxy.get(&format!("{DL}/rand/0.8.5/download")).await;
@@ -248,7 +248,7 @@ async fn upstream_hang_before_headers_is_a_504() {
     up.publish("log", "0.4.22", 100);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.upstream_idle_timeout = Duration::from_millis(500);
+    cfg.upstream.upstream_idle_timeout = Duration::from_millis(500);
     let proxy = Proxy::start_with(cfg).await;
     up.set_fault(Target::Crate, Fault::Hang);
     let r = proxy.get(&format!("{DL}/log/0.4.22/download")).await;
@@ -264,7 +264,7 @@ async fn a_miss_answers_within_one_idle_timeout_however_slow_upstream_is() {
     up.publish("slowidx", "1.0.0", 100);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.upstream_idle_timeout = Duration::from_millis(500);
+    cfg.upstream.upstream_idle_timeout = Duration::from_millis(500);
     let proxy = Proxy::start_with(cfg).await;
     // Each piece well within the idle timeout, the whole file several times over it.
     up.set_fault(
@@ -384,7 +384,7 @@ async fn the_download_template_can_be_overridden() {
     let bytes = up.publish("serde_json", "1.0.0", 100);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.upstream_dl = Some(format!("{}dl/{{crate}}/{{version}}/download", up.url));
+    cfg.upstream.upstream_dl = Some(format!("{}dl/{{crate}}/{{version}}/download", up.url));
     up.set_dl("http://127.0.0.1:9/never-used");
     let proxy = Proxy::start_with(cfg).await;
     let r = proxy.get(&format!("{DL}/serde_json/1.0.0/download")).await;

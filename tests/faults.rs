@@ -15,7 +15,7 @@ async fn a_malformed_index_file_is_never_cached() {
     up.publish("foo", "1.0.0", 10);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.index_ttl = Duration::ZERO;
+    cfg.sparse.index_ttl = Duration::ZERO;
     let proxy = Proxy::start_with(cfg).await;
     let good = proxy.get("/index/3/f/foo").await.text().await.unwrap();
 
@@ -118,7 +118,7 @@ async fn connection_resets_give_stale_copies_or_502s() {
 
     let resetting = common::resetting_server().await;
     let mut cfg = Proxy::config(&resetting, dir.path());
-    cfg.index_ttl = Duration::ZERO;
+    cfg.sparse.index_ttl = Duration::ZERO;
     let proxy = Proxy::start_with(cfg).await;
     let r = proxy.get("/index/re/se/reset").await;
     assert_eq!(r.headers()["x-cratere-cache"], "stale");
@@ -138,7 +138,7 @@ async fn upstream_rate_limiting_is_passed_on_with_retry_after() {
     up.publish("limited", "1.0.0", 100);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.index_ttl = Duration::ZERO;
+    cfg.sparse.index_ttl = Duration::ZERO;
     let proxy = Proxy::start_with(cfg).await;
     proxy
         .get("/index/li/mi/limited")
@@ -192,7 +192,7 @@ async fn a_client_that_never_finishes_its_request_is_disconnected() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.header_read_timeout = Duration::from_millis(300);
+    cfg.server.header_read_timeout = Duration::from_millis(300);
     let proxy = Proxy::start_with(cfg).await;
     let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")

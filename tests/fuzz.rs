@@ -75,9 +75,9 @@ fn the_router_survives_hostile_paths() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = common::Proxy::config("http://127.0.0.1:9/", &dir.path().join("data"));
-    cfg.upstream_connect_timeout = std::time::Duration::from_millis(200);
-    cfg.upstream_api = "http://127.0.0.1:9/".parse().unwrap();
-    cfg.search_interval = std::time::Duration::from_millis(1);
+    cfg.upstream.upstream_connect_timeout = std::time::Duration::from_millis(200);
+    cfg.search.upstream_api = "http://127.0.0.1:9/".parse().unwrap();
+    cfg.search.search_interval = std::time::Duration::from_millis(1);
     let state = rt.block_on(async { cratere::http::AppState::new(cfg).unwrap() });
     let app = cratere::http::router(state);
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(256));

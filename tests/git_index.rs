@@ -83,10 +83,10 @@ async fn git_proxy(
     alternates: &[&str],
 ) -> Proxy {
     let mut c = Proxy::config(&up.url, data);
-    c.git_index = true;
-    c.upstream_git = upstream_git.parse().unwrap();
-    c.index_update_schedule = schedule.parse().unwrap();
-    c.alternate_hosts = AlternateHosts(
+    c.git.git_index = true;
+    c.git.upstream_git = upstream_git.parse().unwrap();
+    c.git.index_update_schedule = schedule.parse().unwrap();
+    c.public.alternate_hosts = AlternateHosts(
         alternates
             .iter()
             .map(|h| HostPort::parse(h).unwrap())
@@ -730,18 +730,25 @@ async fn an_unreachable_upstream_leaves_the_last_mirror_and_everything_else_serv
     // A restart (same public URL) with upstream still unreachable serves the mirror on disk
     // at once.
     let mut config = Proxy::config(&up.url, &work.join("data-3"));
-    config.git_index = true;
-    config.upstream_git = work.join("gone").to_str().unwrap().parse().unwrap();
-    let hosts = cratere::hosts::PublicHosts::new(&config);
-    GitIndex::new(&config, &hosts).sync().await.unwrap();
-    config.upstream_git = upstream.dir.to_str().unwrap().parse().unwrap();
-    let restarted = GitIndex::new(&config, &hosts);
+    config.git.git_index = true;
+    config.git.upstream_git = work.join("gone").to_str().unwrap().parse().unwrap();
+    let hosts = cratere::hosts::PublicHosts::new(&config.public);
+    GitIndex::new(&config.git, &config.storage.index, &hosts)
+        .sync()
+        .await
+        .unwrap();
+    config.git.upstream_git = upstream.dir.to_str().unwrap().parse().unwrap();
+    let restarted = GitIndex::new(&config.git, &config.storage.index, &hosts);
     assert!(!restarted.status().ready);
     restarted.sync().await.unwrap_err();
     assert!(restarted.status().ready);
     // With another public URL, the mirror on disk has the wrong config.json: not ready.
-    config.port += 1;
-    let moved = GitIndex::new(&config, &cratere::hosts::PublicHosts::new(&config));
+    config.public.port += 1;
+    let moved = GitIndex::new(
+        &config.git,
+        &config.storage.index,
+        &cratere::hosts::PublicHosts::new(&config.public),
+    );
     moved.sync().await.unwrap_err();
     assert!(!moved.status().ready);
 
@@ -868,14 +875,14 @@ async fn hosts_removed_from_the_configuration_lose_their_refs() {
     let work = work.path();
     let upstream = Upstream::create(&work.join("upstream")).await;
     let mut config = Proxy::config("http://127.0.0.1:9/", &work.join("data"));
-    config.git_index = true;
-    config.upstream_git = upstream.dir.to_str().unwrap().parse().unwrap();
-    config.alternate_hosts = AlternateHosts(vec![
+    config.git.git_index = true;
+    config.git.upstream_git = upstream.dir.to_str().unwrap().parse().unwrap();
+    config.public.alternate_hosts = AlternateHosts(vec![
         HostPort::parse("alt.example:9000").unwrap(),
         HostPort::parse("gone.example").unwrap(),
     ]);
-    let hosts = cratere::hosts::PublicHosts::new(&config);
-    let first = GitIndex::new(&config, &hosts);
+    let hosts = cratere::hosts::PublicHosts::new(&config.public);
+    let first = GitIndex::new(&config.git, &config.storage.index, &hosts);
     first.sync().await.unwrap();
     let repo = first.repo_path().to_path_buf();
     let refs = git(&repo, &["for-each-ref", "--format=%(refname)"]).await;
@@ -884,8 +891,12 @@ async fn hosts_removed_from_the_configuration_lose_their_refs() {
         "{refs}"
     );
 
-    config.alternate_hosts.0.pop();
-    let second = GitIndex::new(&config, &cratere::hosts::PublicHosts::new(&config));
+    config.public.alternate_hosts.0.pop();
+    let second = GitIndex::new(
+        &config.git,
+        &config.storage.index,
+        &cratere::hosts::PublicHosts::new(&config.public),
+    );
     assert!(!second.sync().await.unwrap().changed);
     let refs = git(&repo, &["for-each-ref", "--format=%(refname)"]).await;
     assert!(!refs.contains("gone%2Eexample"), "{refs}");

@@ -34,11 +34,11 @@ fn crate_rel(name: &str, version: &str) -> String {
 
 fn config(up: &str, dir: &Path, max_days: f64, max_size: Option<u64>) -> Config {
     let mut c = Proxy::config(up, dir);
-    c.max_unused = days(max_days);
-    c.max_cache_size = max_size;
+    c.cleanup.max_unused = days(max_days);
+    c.cleanup.max_cache_size = max_size;
     // These tests look at the disk cache; the memory layer in front of the index files (which
     // keeps serving a file cleanup removed until its TTL) has its own test in tests/sparse.rs.
-    c.index_memory_cache = 0;
+    c.sparse.index_memory_cache = 0;
     c
 }
 
@@ -377,7 +377,7 @@ async fn the_server_runs_cleanup_on_its_schedule() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(FakeClock::new());
     let mut c = config(&up.url, dir.path(), 90.0, None);
-    c.cleanup_cache_schedule =
+    c.cleanup.cleanup_cache_schedule =
         cratere::config::CleanupSchedule(Some("* * * * * *".parse().unwrap()));
     let proxy = Proxy::start_with_clock(c, clock.clone()).await;
     fetch(&proxy, "sched", "1.0.0", &bytes).await;
@@ -563,7 +563,7 @@ async fn warm_then_an_offline_proxy_serves_cargo_fetch() {
     // Upstream unreachable, a cargo with an empty CARGO_HOME.
     drop(up);
     let mut cfg = Proxy::config("http://127.0.0.1:9/", &data);
-    cfg.index_ttl = Duration::ZERO; // every index request tries upstream, and fails
+    cfg.sparse.index_ttl = Duration::ZERO; // every index request tries upstream, and fails
     let proxy = Proxy::start_with(cfg).await;
     let home = cargo_home(&work.path().join("home1"), &proxy.url);
     let out = tokio::task::spawn_blocking({

@@ -12,7 +12,7 @@ use common::{Proxy, sha256_hex};
 async fn the_real_upstream_through_the_proxy() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config("https://index.crates.io/", dir.path());
-    cfg.upstream_idle_timeout = std::time::Duration::from_secs(20);
+    cfg.upstream.upstream_idle_timeout = std::time::Duration::from_secs(20);
     let proxy = Proxy::start_with(cfg).await;
 
     let direct = common::client()

@@ -114,7 +114,7 @@ async fn cleanup_results_reach_the_metrics_and_the_status_page() {
     up.publish("old", "1.0.0", 1000);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.max_cache_size = Some(1); // everything goes
+    cfg.cleanup.max_cache_size = Some(1); // everything goes
     let proxy = Proxy::start_with(cfg).await;
     proxy
         .get("/api/v1/crates/old/1.0.0/download")

@@ -168,7 +168,10 @@ fn s3_config(s3: &S3Server, up: &str, dir: &std::path::Path) -> Config {
 async fn storage_conformance_s3() {
     let s3 = S3Server::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let store = CrateStore::open(&s3_config(&s3, "http://127.0.0.1:9/", dir.path())).unwrap();
+    let store = {
+        let c = s3_config(&s3, "http://127.0.0.1:9/", dir.path());
+        CrateStore::open(&c.storage, c.cleanup.max_unused).unwrap()
+    };
     conformance(store.clone()).await;
     // Objects use the disk layout as keys; nothing else but usage records is written.
     let keys = s3.crate_keys().await;
@@ -195,7 +198,7 @@ async fn s3_keys_live_under_the_prefix() {
     let bytes = up.publish("prefixed", "1.0.0", 5_000);
     let dir = tempfile::tempdir().unwrap();
     let mut c = s3_config(&s3, &up.url, dir.path());
-    c.s3_prefix = cratere::config::S3Prefix("team/cratere/".into());
+    c.storage.s3_prefix = cratere::config::S3Prefix("team/cratere/".into());
     let proxy = Proxy::start_with(c).await;
     let r = proxy.get(&format!("{DL}/prefixed/1.0.0/download")).await;
     assert_eq!(r.bytes().await.unwrap(), bytes);
@@ -628,7 +631,10 @@ async fn cratere_cmd_with(
 async fn a_held_lease_is_renewed_and_a_lost_one_stops_the_pass() {
     let s3 = S3Server::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let store = CrateStore::open(&s3_config(&s3, "http://127.0.0.1:9/", dir.path())).unwrap();
+    let store = {
+        let c = s3_config(&s3, "http://127.0.0.1:9/", dir.path());
+        CrateStore::open(&c.storage, c.cleanup.max_unused).unwrap()
+    };
     let CrateStore::S3(store) = store else {
         panic!("not s3")
     };
@@ -693,7 +699,7 @@ async fn the_local_cache_in_front_of_the_bucket_serves_hits_and_stays_bounded() 
     let dir = tempfile::tempdir().unwrap();
     let config = |n: &str| {
         let mut c = s3_config(&s3, &up.url, &dir.path().join(n));
-        c.s3_local_cache_size = Some(700_000);
+        c.storage.s3_local_cache_size = Some(700_000);
         c
     };
     let a = Proxy::start_with(config("a")).await;

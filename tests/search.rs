@@ -34,8 +34,8 @@ fn cargo_search(proxy_url: &str, home: &Path, query: &str) -> (bool, String, Str
 
 async fn start(up: &FakeUpstream, dir: &Path) -> Proxy {
     let mut cfg = Proxy::config(&up.url, dir);
-    cfg.upstream_api = up.url.parse().unwrap();
-    cfg.search_interval = Duration::from_millis(300);
+    cfg.search.upstream_api = up.url.parse().unwrap();
+    cfg.search.search_interval = Duration::from_millis(300);
     Proxy::start_with(cfg).await
 }
 

@@ -14,7 +14,7 @@ async fn config_json_names_the_host_the_client_used_and_never_a_spoofed_one() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.alternate_hosts = cratere::config::AlternateHosts(vec![
+    cfg.public.alternate_hosts = cratere::config::AlternateHosts(vec![
         cratere::config::HostPort::parse("mirror.lan:9000").unwrap(),
     ]);
     let proxy = Proxy::start_with(cfg).await;
@@ -156,7 +156,7 @@ async fn stale_copies_are_revalidated_with_upstream_validators() {
     up.publish("tokio", "1.0.0", 10);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.index_ttl = Duration::ZERO; // every request revalidates
+    cfg.sparse.index_ttl = Duration::ZERO; // every request revalidates
     let proxy = Proxy::start_with(cfg).await;
 
     let first = proxy.get("/index/to/ki/tokio").await;
@@ -184,7 +184,7 @@ async fn upstream_without_validators_is_refetched_and_unchanged_bytes_count_as_r
     up.publish("rand", "0.8.0", 10);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.index_ttl = Duration::ZERO;
+    cfg.sparse.index_ttl = Duration::ZERO;
     let proxy = Proxy::start_with(cfg).await;
     proxy.get("/index/ra/nd/rand").await;
     let r = proxy.get("/index/ra/nd/rand").await;
@@ -199,8 +199,8 @@ async fn upstream_failures_serve_the_stale_copy_marked_as_such() {
     up.publish("log", "0.4.0", 10);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.index_ttl = Duration::ZERO;
-    cfg.upstream_idle_timeout = Duration::from_millis(500);
+    cfg.sparse.index_ttl = Duration::ZERO;
+    cfg.upstream.upstream_idle_timeout = Duration::from_millis(500);
     let proxy = Proxy::start_with(cfg).await;
     let good = proxy.get("/index/3/l/log").await.text().await.unwrap();
 
@@ -241,7 +241,7 @@ async fn unreachable_upstream_serves_stale_after_a_restart() {
     drop(proxy);
 
     let mut cfg = Proxy::config("http://127.0.0.1:9/", dir.path());
-    cfg.index_ttl = Duration::ZERO;
+    cfg.sparse.index_ttl = Duration::ZERO;
     let proxy = Proxy::start_with(cfg).await;
     let r = proxy.get("/index/li/bc/libc").await;
     assert_eq!(r.headers()["x-cratere-cache"], "stale");
@@ -257,7 +257,7 @@ async fn without_a_copy_upstream_errors_are_502_and_timeouts_504() {
     up.publish("bytes", "1.0.0", 10);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.upstream_idle_timeout = Duration::from_millis(500);
+    cfg.upstream.upstream_idle_timeout = Duration::from_millis(500);
     let proxy = Proxy::start_with(cfg).await;
     up.set_fault(Target::Index, Fault::Status(500));
     let r = proxy.get("/index/by/te/bytes").await;
@@ -278,7 +278,7 @@ async fn deleted_crates_become_404_and_leave_the_cache() {
     up.publish("gone", "1.0.0", 10);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.index_ttl = Duration::ZERO;
+    cfg.sparse.index_ttl = Duration::ZERO;
     let proxy = Proxy::start_with(cfg).await;
     assert_eq!(proxy.get("/index/go/ne/gone").await.status(), 200);
     assert!(dir.path().join("index/sparse/go/ne/gone").exists());
@@ -325,10 +325,10 @@ async fn a_down_upstream_is_not_waited_on_until_a_probe_succeeds() {
     up.publish("bbb", "1.0.0", 10);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.index_ttl = Duration::ZERO;
-    cfg.upstream_idle_timeout = Duration::from_millis(300);
-    cfg.upstream_failure_threshold = 2;
-    cfg.upstream_backoff = Duration::from_millis(200);
+    cfg.sparse.index_ttl = Duration::ZERO;
+    cfg.upstream.upstream_idle_timeout = Duration::from_millis(300);
+    cfg.upstream.upstream_failure_threshold = 2;
+    cfg.upstream.upstream_backoff = Duration::from_millis(200);
     let proxy = Proxy::start_with(cfg).await;
     proxy.get("/index/3/a/aaa").await.text().await.unwrap();
     proxy.get("/index/3/b/bbb").await.text().await.unwrap();
@@ -374,7 +374,7 @@ async fn hot_index_files_are_served_from_memory() {
     up.publish("cold", "1.0.0", 10);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
-    cfg.index_memory_cache = 1 << 20;
+    cfg.sparse.index_memory_cache = 1 << 20;
     let proxy = Proxy::start_with(cfg).await;
     let body = proxy.get("/index/3/h/hot").await.text().await.unwrap();
     // The disk copy disappears (another process cleaned it, say): memory still answers.
@@ -387,7 +387,7 @@ async fn hot_index_files_are_served_from_memory() {
     // Without the memory layer, every hit reads the disk.
     let dir2 = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir2.path());
-    cfg.index_memory_cache = 0;
+    cfg.sparse.index_memory_cache = 0;
     let proxy = Proxy::start_with(cfg).await;
     proxy.get("/index/co/ld/cold").await.text().await.unwrap();
     std::fs::remove_file(dir2.path().join("index/sparse/co/ld/cold")).unwrap();

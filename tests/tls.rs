@@ -24,10 +24,10 @@ fn self_signed(dir: &std::path::Path) -> Tls {
 async fn tls_proxy(up: &FakeUpstream, dir: &std::path::Path) -> (Proxy, Tls, String) {
     let tls = self_signed(dir);
     let mut cfg = Proxy::config(&up.url, &dir.join("data"));
-    cfg.scheme = cratere::config::Scheme::Https;
-    cfg.host = "localhost".into();
-    cfg.tls_cert = Some(tls.cert.clone());
-    cfg.tls_key = Some(tls.key.clone());
+    cfg.public.scheme = cratere::config::Scheme::Https;
+    cfg.public.host = "localhost".into();
+    cfg.server.tls_cert = Some(tls.cert.clone());
+    cfg.server.tls_key = Some(tls.key.clone());
     let proxy = Proxy::start_with(cfg).await;
     let base = format!("https://localhost:{}", proxy.addr.port());
     (proxy, tls, base)

@@ -4,12 +4,12 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::cleanup::{FileKind, Outcome, Reason};
+use crate::cleanup::{FileKind, Outcome, Pass, Reason};
 use crate::clock::SystemClock;
 use crate::config::CleanupArgs;
 use crate::core::Lifecycle;
@@ -17,8 +17,8 @@ use crate::core::Lifecycle;
 /// `cratere cleanup [--dry-run]`: one pass now, printing every file it removes and a summary.
 pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
     let config = args.config;
-    let crates_root = config.cache.clone();
-    if config.storage == crate::config::StorageKind::Fs && !crates_root.is_dir() {
+    let crates_root = config.storage.cache.clone();
+    if config.storage.kind == crate::config::StorageKind::Fs && !crates_root.is_dir() {
         anyhow::bail!(
             "CRATERE_CACHE={}: no such directory (nothing cached there)",
             crates_root.display()
@@ -40,12 +40,26 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let now = usage.now();
-    let verb = if args.dry_run {
-        "would remove"
-    } else {
-        "removed"
-    };
+    print!("{}", report(&pass, usage.now(), args.dry_run));
+    let r = &pass.report;
+    if r.crates_skipped {
+        eprintln!(
+            "another cleanup is running on the bucket (another replica holds its lease): crate \
+             files were not examined; only the local index cache was cleaned"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    if r.errors > 0 {
+        eprintln!("{} files could not be removed (see the log)", r.errors);
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What the command prints: one line per file removed (or that a dry run would remove),
+/// then a summary.
+fn report(pass: &Pass, now: SystemTime, dry_run: bool) -> String {
+    let verb = if dry_run { "would remove" } else { "removed" };
     let mut out = String::new();
     for r in &pass.removed {
         let unused_for = now.duration_since(r.last_use).unwrap_or_default();
@@ -69,7 +83,7 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         out,
         "cleanup{}: {verb} {} crate files ({}) and {} index files ({}) in {:.2} s; \
          {} crate files ({}) {}",
-        if args.dry_run { " (dry run)" } else { "" },
+        if dry_run { " (dry run)" } else { "" },
         r.crate_files_removed,
         bytesize::ByteSize(r.crate_bytes_removed),
         r.index_files_removed,
@@ -77,11 +91,7 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         r.duration.as_secs_f64(),
         r.crate_files_kept,
         bytesize::ByteSize(r.crate_bytes_kept),
-        if args.dry_run {
-            "would remain"
-        } else {
-            "remain"
-        },
+        if dry_run { "would remain" } else { "remain" },
     );
     if r.skipped_in_use > 0 {
         let _ = writeln!(
@@ -90,19 +100,7 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
             r.skipped_in_use
         );
     }
-    print!("{out}");
-    if r.crates_skipped {
-        eprintln!(
-            "another cleanup is running on the bucket (another replica holds its lease): crate \
-             files were not examined; only the local index cache was cleaned"
-        );
-        return Ok(ExitCode::FAILURE);
-    }
-    if r.errors > 0 {
-        eprintln!("{} files could not be removed (see the log)", r.errors);
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+    out
 }
 
 /// A short human age: seconds, hours or days.

@@ -37,7 +37,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         listen = %listener.local_addr()?,
         public = %state.hosts.primary_url(),
-        upstream = %state.config.upstream_sparse,
+        upstream = %state.config.upstream.upstream_sparse,
         "cratere is serving; cargo registry = \"sparse+{}/index/\"",
         state.hosts.primary_url()
     );
@@ -55,7 +55,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     if let Some(git) = &state.git {
         tracing::info!(
-            upstream = %state.config.upstream_git,
+            upstream = %state.config.git.upstream_git,
             schedule = %git.schedule(),
             "git index: cargo registry = \"{}/crates.io-index\" once the first sync completes",
             state.hosts.primary_url()

@@ -84,6 +84,43 @@ impl GitIndex {
                 "unsupported Content-Encoding `{encoding}` (gzip is)"
             )));
         }
+        let mut cmd = self.command(&req, encoding);
+        let mut child = GitChild::spawn(&mut cmd)
+            .map_err(|e| GitError::Backend(format!("starting git http-backend: {e}")))?;
+        let tracked = Tracked {
+            live: self.backends.clone(),
+            pid: child.id(),
+        };
+        if let Some(pid) = tracked.pid {
+            self.backends.lock().unwrap().insert(pid);
+        }
+
+        let pump = pump_body(req.body, &mut child);
+        log_stderr(&mut child);
+
+        let stdout = child.child_mut().stdout.take().expect("piped");
+        let mut stdout = BufReader::with_capacity(64 * 1024, stdout);
+        let head = read_cgi_header(&mut stdout)
+            .await
+            .map_err(|e| GitError::Backend(format!("reading git http-backend's headers: {e}")))?;
+        let (status, headers) = parse_cgi_header(&head)
+            .map_err(|e| GitError::Backend(format!("git http-backend: {e}")))?;
+
+        let state = BodyState {
+            stdout,
+            child,
+            _tracked: tracked,
+            _pump: pump.map(AbortOnDrop),
+        };
+        Ok(CgiResponse {
+            status,
+            headers,
+            body: output(state),
+        })
+    }
+
+    /// The `git http-backend` command for one request, in a clean environment.
+    fn command(&self, req: &CgiRequest<'_>, encoding: &str) -> Command {
         let protocol = req
             .git_protocol
             .map(str::trim)
@@ -124,87 +161,70 @@ impl GitIndex {
         if !encoding.is_empty() && encoding != "identity" {
             cmd.env("HTTP_CONTENT_ENCODING", encoding);
         }
-        let mut child = GitChild::spawn(&mut cmd)
-            .map_err(|e| GitError::Backend(format!("starting git http-backend: {e}")))?;
-        let tracked = Tracked {
-            live: self.backends.clone(),
-            pid: child.id(),
-        };
-        if let Some(pid) = tracked.pid {
-            self.backends.lock().unwrap().insert(pid);
+        cmd
+    }
+}
+
+/// The request body → http-backend's stdin, in its own task (http-backend reads all of it
+/// before upload-pack answers); the handle aborts it with the response.
+fn pump_body(
+    body: Option<BoxStream<'static, io::Result<Bytes>>>,
+    child: &mut GitChild,
+) -> Option<tokio::task::AbortHandle> {
+    let (mut body, mut stdin) = (body?, child.child_mut().stdin.take()?);
+    let task = tokio::spawn(async move {
+        while let Some(chunk) = body.next().await {
+            let Ok(chunk) = chunk else {
+                // The client's request broke off: close stdin early; git reports a
+                // truncated request.
+                return;
+            };
+            if stdin.write_all(&chunk).await.is_err() {
+                return;
+            }
         }
+        let _ = stdin.shutdown().await;
+    });
+    Some(task.abort_handle())
+}
 
-        // Request body → stdin, in its own task (http-backend reads all of it before
-        // upload-pack answers). Aborted with the response.
-        let pump = match (req.body, child.child_mut().stdin.take()) {
-            (Some(mut body), Some(mut stdin)) => Some(tokio::spawn(async move {
-                while let Some(chunk) = body.next().await {
-                    let Ok(chunk) = chunk else {
-                        // The client's request broke off: close stdin early; git reports a
-                        // truncated request.
-                        return;
-                    };
-                    if stdin.write_all(&chunk).await.is_err() {
-                        return;
-                    }
+/// The first 20 lines of http-backend's stderr go to the log.
+fn log_stderr(child: &mut GitChild) {
+    if let Some(stderr) = child.child_mut().stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut n = 0;
+            while let Ok(Some(line)) = lines.next_line().await {
+                n += 1;
+                if n <= 20 {
+                    tracing::info!(target: "cratere::git::backend", "{line}");
                 }
-                let _ = stdin.shutdown().await;
-            })),
-            _ => None,
-        };
-        let pump_abort = pump.map(|p| p.abort_handle());
-
-        if let Some(stderr) = child.child_mut().stderr.take() {
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                let mut n = 0;
-                while let Ok(Some(line)) = lines.next_line().await {
-                    n += 1;
-                    if n <= 20 {
-                        tracing::info!(target: "cratere::git::backend", "{line}");
-                    }
-                }
-            });
-        }
-
-        let stdout = child.child_mut().stdout.take().expect("piped");
-        let mut stdout = BufReader::with_capacity(64 * 1024, stdout);
-        let head = read_cgi_header(&mut stdout)
-            .await
-            .map_err(|e| GitError::Backend(format!("reading git http-backend's headers: {e}")))?;
-        let (status, headers) = parse_cgi_header(&head)
-            .map_err(|e| GitError::Backend(format!("git http-backend: {e}")))?;
-
-        let state = BodyState {
-            stdout,
-            child,
-            _tracked: tracked,
-            _pump: pump_abort.map(AbortOnDrop),
-        };
-        let stream = futures_util::stream::unfold(Some(state), |state| async move {
-            let mut st = state?;
-            let mut buf = BytesMut::with_capacity(64 * 1024);
-            match st.stdout.read_buf(&mut buf).await {
-                Ok(0) => {
-                    // End of output: reap http-backend (its upload-pack has exited too).
-                    match tokio::time::timeout(Duration::from_secs(10), st.child.wait()).await {
-                        Ok(Ok(s)) if s.success() => {}
-                        Ok(Ok(s)) => tracing::info!(status = %s, "git http-backend failed"),
-                        Ok(Err(e)) => tracing::warn!(error = %e, "waiting for git http-backend"),
-                        Err(_) => tracing::warn!("git http-backend did not exit after its output"),
-                    }
-                    None
-                }
-                Ok(_) => Some((Ok(buf.freeze()), Some(st))),
-                Err(e) => Some((Err(e), None)),
             }
         });
-        Ok(CgiResponse {
-            status,
-            headers,
-            body: stream.boxed(),
-        })
     }
+}
+
+/// http-backend's output after its headers, as it comes; at its end the process is reaped.
+fn output(state: BodyState) -> BoxStream<'static, io::Result<Bytes>> {
+    futures_util::stream::unfold(Some(state), |state| async move {
+        let mut st = state?;
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        match st.stdout.read_buf(&mut buf).await {
+            Ok(0) => {
+                // End of output: reap http-backend (its upload-pack has exited too).
+                match tokio::time::timeout(Duration::from_secs(10), st.child.wait()).await {
+                    Ok(Ok(s)) if s.success() => {}
+                    Ok(Ok(s)) => tracing::info!(status = %s, "git http-backend failed"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "waiting for git http-backend"),
+                    Err(_) => tracing::warn!("git http-backend did not exit after its output"),
+                }
+                None
+            }
+            Ok(_) => Some((Ok(buf.freeze()), Some(st))),
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+    .boxed()
 }
 
 impl Drop for Tracked {

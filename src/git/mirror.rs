@@ -143,6 +143,39 @@ impl GitIndex {
         let prune_pending = tokio::fs::try_exists(self.repo.join(PRUNE_MARKER)).await?;
         let rewrite_recorded = tokio::fs::try_exists(self.repo.join(PRUNE_NEXT)).await?;
 
+        let (old_head, head) = self.fetch_upstream().await?;
+        let history_rewritten = match &old_head {
+            Some(old) if *old != head => !self.is_ancestor(old, &head).await?,
+            _ => false,
+        };
+        if history_rewritten {
+            tracing::info!(old = ?old_head, new = %head, "upstream rewrote its history");
+            tokio::fs::write(self.repo.join(PRUNE_NEXT), format!("{old_head:?}\n")).await?;
+        }
+
+        let mut commits = Vec::with_capacity(self.hosts.len());
+        for host in &self.hosts {
+            commits.push(self.host_commit(host, &head).await?);
+        }
+        let changed = self.publish(&commits).await?;
+
+        let pruned = self.maintain(prune_pending).await?;
+        if history_rewritten || rewrite_recorded {
+            tokio::fs::write(self.repo.join(PRUNE_MARKER), format!("{old_head:?}\n")).await?;
+            tokio::fs::remove_file(self.repo.join(PRUNE_NEXT)).await?;
+        }
+        Ok(SyncReport {
+            upstream_head: head,
+            changed,
+            history_rewritten,
+            pruned,
+        })
+    }
+
+    /// Fetches upstream's head (forced: upstream squashes). Returns the upstream commit
+    /// served before (under the hosts' config.json commits; before anything was published,
+    /// the last one fetched) and the new head.
+    async fn fetch_upstream(&self) -> anyhow::Result<(Option<String>, String)> {
         // The upstream commit served now (under the hosts' config.json commits); before
         // anything was published, the last one fetched.
         let served = match self.hosts.first() {
@@ -171,25 +204,16 @@ impl GitIndex {
             .rev_parse(UPSTREAM_REF)
             .await?
             .context("upstream has no HEAD")?;
-        let history_rewritten = match &old_head {
-            Some(old) if *old != head => !self.is_ancestor(old, &head).await?,
-            _ => false,
-        };
-        if history_rewritten {
-            tracing::info!(old = ?old_head, new = %head, "upstream rewrote its history");
-            tokio::fs::write(self.repo.join(PRUNE_NEXT), format!("{old_head:?}\n")).await?;
-        }
+        Ok((old_head, head))
+    }
 
-        let mut commits = Vec::with_capacity(self.hosts.len());
-        for host in &self.hosts {
-            commits.push(self.host_commit(host, &head).await?);
-        }
-        let changed = self.publish(&commits).await?;
-
-        let pruned = if prune_pending {
+    /// After a publish: the prune a squash asked for, else the bitmap repack (once) and
+    /// `gc --auto`. Returns whether it pruned.
+    async fn maintain(&self, prune_pending: bool) -> anyhow::Result<bool> {
+        if prune_pending {
             self.prune().await?;
             tokio::fs::remove_file(self.repo.join(PRUNE_MARKER)).await?;
-            true
+            Ok(true)
         } else {
             if !self.has_bitmap().await? {
                 // Once, after the first fetch: one pack with a reachability bitmap, so a
@@ -199,18 +223,8 @@ impl GitIndex {
                 self.git(["repack", "-a", "-d", "-q"], None).await?;
             }
             self.git(["gc", "--auto", "--quiet"], None).await?;
-            false
-        };
-        if history_rewritten || rewrite_recorded {
-            tokio::fs::write(self.repo.join(PRUNE_MARKER), format!("{old_head:?}\n")).await?;
-            tokio::fs::remove_file(self.repo.join(PRUNE_NEXT)).await?;
+            Ok(false)
         }
-        Ok(SyncReport {
-            upstream_head: head,
-            changed,
-            history_rewritten,
-            pruned,
-        })
     }
 
     async fn init_repo(&self) -> anyhow::Result<()> {

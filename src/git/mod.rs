@@ -18,8 +18,8 @@
 //! See docs/GIT_INDEX.md for the whole design.
 
 pub mod backend;
-pub mod mirror;
-pub mod process;
+mod mirror;
+mod process;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, GitRemote};
+use crate::config::{GitConfig, GitRemote};
 use crate::hosts::PublicHosts;
 use crate::jobs::{FirstRun, Schedule, spawn_scheduled};
 use crate::storage::fs::LockFile;
@@ -173,8 +173,9 @@ pub struct GitIndex {
 }
 
 impl GitIndex {
-    pub fn new(config: &Config, hosts: &PublicHosts) -> GitIndex {
-        let root = config.index.join("git");
+    /// The mirror under `$CRATERE_INDEX/git` (`index_dir`), for these hosts.
+    pub fn new(config: &GitConfig, index_dir: &Path, hosts: &PublicHosts) -> GitIndex {
+        let root = index_dir.join("git");
         GitIndex {
             repo: root.join(REPO_DIR),
             root,

@@ -58,15 +58,16 @@ impl AppState {
         let core = Core::open(&config, clock)?;
         let search = Arc::new(Search::new(
             core.upstream.clone(),
-            config.upstream_api.clone(),
-            config.search_interval,
+            config.search.upstream_api.clone(),
+            config.search.search_interval,
             core.index.clone(),
             core.crates.clone(),
         ));
-        let hosts = Arc::new(PublicHosts::new(&config));
+        let hosts = Arc::new(PublicHosts::new(&config.public));
         let git = config
+            .git
             .git_index
-            .then(|| Arc::new(GitIndex::new(&config, &hosts)));
+            .then(|| Arc::new(GitIndex::new(&config.git, &config.storage.index, &hosts)));
         Ok(AppState {
             hosts,
             git,
@@ -78,8 +79,11 @@ impl AppState {
 
     /// Every background job of the server, each spawned by the feature that owns it.
     pub fn spawn_jobs(&self, jobs: &TaskTracker, shutdown: &CancellationToken) {
-        self.core
-            .spawn_jobs(self.config.cleanup_cache_schedule.0.clone(), jobs, shutdown);
+        self.core.spawn_jobs(
+            self.config.cleanup.cleanup_cache_schedule.0.clone(),
+            jobs,
+            shutdown,
+        );
         if let Some(git) = &self.git {
             crate::git::spawn_sync(git.clone(), jobs, shutdown);
         }
@@ -101,7 +105,7 @@ pub fn router(state: AppState) -> Router {
         // long as it needs).
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
-            state.config.request_timeout,
+            state.config.server.request_timeout,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.core.metrics.clone(),
@@ -185,7 +189,6 @@ fn refresh_gauges(st: &AppState) {
         );
     }
 }
-
 async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, "not found\n")
 }

@@ -82,12 +82,10 @@ fn chart(traffic: &[(u64, u64)]) -> String {
     svg
 }
 
-pub async fn page(State(st): State<AppState>, uri: Uri, headers: HeaderMap) -> impl IntoResponse {
-    let base = st.hosts.base_url_for(requested_host(&uri, &headers));
-    let m = &st.core.metrics;
-    let (files, bytes, scanned) = m.cache_size();
+/// The upstream row: down (breaker open), failing, ok or not asked yet.
+fn upstream_state(down: bool, m: &Metrics) -> String {
     let (ok, err, err_text) = m.upstream_health();
-    let upstream_state = if st.core.upstream.breaker().is_open() {
+    if down {
         format!(
             r#"<span class="bad">down</span> — serving from the cache, probing; last error {}: {}"#,
             esc(&ago(err)),
@@ -106,16 +104,12 @@ pub async fn page(State(st): State<AppState>, uri: Uri, headers: HeaderMap) -> i
         )
     } else {
         "no upstream request yet".into()
-    };
-    let size = if scanned {
-        format!("{files} crate files, {}", human_bytes(bytes))
-    } else {
-        "counting…".into()
-    };
-    let uptime = humantime::format_duration(std::time::Duration::from_secs(
-        m.started().elapsed().unwrap_or_default().as_secs(),
-    ));
-    let git = match &st.git {
+    }
+}
+
+/// The git index row.
+fn git_state(git: Option<&crate::git::GitIndex>) -> String {
+    match git {
         None => "disabled (CRATERE_GIT_INDEX=false)".to_string(),
         Some(g) => {
             let s = g.status();
@@ -142,8 +136,12 @@ pub async fn page(State(st): State<AppState>, uri: Uri, headers: HeaderMap) -> i
             };
             format!("{state}; {last}")
         }
-    };
-    let cleanup = match st.core.cleanup.last() {
+    }
+}
+
+/// The last-cleanup row.
+fn cleanup_state(last: Option<crate::cleanup::CleanupReport>) -> String {
+    match last {
         None => "not run yet".to_string(),
         Some(r) => format!(
             "{} — removed {} crate files ({}) and {} index files in {:.1} s",
@@ -157,7 +155,26 @@ pub async fn page(State(st): State<AppState>, uri: Uri, headers: HeaderMap) -> i
             r.index_files_removed,
             r.duration.as_secs_f64()
         ),
+    }
+}
+
+/// The page: a few figures, then one HTML template (a single literal, kept whole so the
+/// markup reads as a page).
+pub async fn page(State(st): State<AppState>, uri: Uri, headers: HeaderMap) -> impl IntoResponse {
+    let base = st.hosts.base_url_for(requested_host(&uri, &headers));
+    let m = &st.core.metrics;
+    let (files, bytes, scanned) = m.cache_size();
+    let upstream_state = upstream_state(st.core.upstream.breaker().is_open(), m);
+    let size = if scanned {
+        format!("{files} crate files, {}", human_bytes(bytes))
+    } else {
+        "counting…".into()
     };
+    let uptime = humantime::format_duration(std::time::Duration::from_secs(
+        m.started().elapsed().unwrap_or_default().as_secs(),
+    ));
+    let git = git_state(st.git.as_deref());
+    let cleanup = cleanup_state(st.core.cleanup.last());
     let traffic = m.traffic();
     let last_hour: u64 = traffic.iter().map(|t| t.0).sum();
     let html = format!(

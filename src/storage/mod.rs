@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub use fs::{FsStore, StoredFile, list_files};
 
 use crate::clock::Clock;
-use crate::config::{Config, StorageKind};
+use crate::config::{StorageChoice, StorageConfig};
 use crate::names::CrateKey;
 use file_body::READ_CHUNK;
 use s3::S3Crates;
@@ -124,12 +124,18 @@ pub enum CleanupLease {
 impl CrateStore {
     /// The store the configuration names. The local directory `CRATERE_CACHE` is opened in
     /// every case: it holds the temp files of downloads in progress.
-    pub fn open(config: &Config) -> anyhow::Result<CrateStore> {
+    /// `max_unused` (`CRATERE_MAX_DAYS_UNUSED`) sets how finely uses are recorded in S3.
+    pub fn open(config: &StorageConfig, max_unused: Duration) -> anyhow::Result<CrateStore> {
+        let choice = config.choice().map_err(anyhow::Error::msg)?;
         let local = FsStore::open(&config.cache)
             .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
-        match config.storage {
-            StorageKind::Fs => Ok(CrateStore::Fs(local)),
-            StorageKind::S3 => Ok(CrateStore::S3(Arc::new(S3Crates::new(config, local)?))),
+        match choice {
+            StorageChoice::Fs => Ok(CrateStore::Fs(local)),
+            StorageChoice::S3(s3) => {
+                let crates = S3Crates::new(&s3, local, max_unused)
+                    .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
+                Ok(CrateStore::S3(Arc::new(crates)))
+            }
         }
     }
 

@@ -510,17 +510,17 @@ impl Proxy {
     /// Test defaults: data under `dir`, a long TTL, short upstream timeouts.
     pub fn config(upstream_url: &str, dir: &Path) -> Config {
         let mut c = Config::for_dirs(dir.join("crates"), dir.join("index"));
-        c.upstream_sparse = upstream_url.parse().unwrap();
-        c.index_ttl = Duration::from_secs(3600);
-        c.upstream_connect_timeout = Duration::from_secs(2);
-        c.upstream_idle_timeout = Duration::from_secs(2);
+        c.upstream.upstream_sparse = upstream_url.parse().unwrap();
+        c.sparse.index_ttl = Duration::from_secs(3600);
+        c.upstream.upstream_connect_timeout = Duration::from_secs(2);
+        c.upstream.upstream_idle_timeout = Duration::from_secs(2);
         // Fault tests inject many failures in a row; the breaker has its own tests.
-        c.upstream_failure_threshold = 1000;
-        c.upstream_backoff = Duration::from_millis(100);
-        c.host = "127.0.0.1".into();
+        c.upstream.upstream_failure_threshold = 1000;
+        c.upstream.upstream_backoff = Duration::from_millis(100);
+        c.public.host = "127.0.0.1".into();
         // The git index syncs from GitHub by default; tests that want it point it at a
         // fixture repository (tests/git_index.rs).
-        c.git_index = false;
+        c.git.git_index = false;
         c
     }
 
@@ -541,8 +541,8 @@ impl Proxy {
         init_test_log();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        config.port = addr.port();
-        let dir = config.cache.parent().unwrap().to_path_buf();
+        config.public.port = addr.port();
+        let dir = config.storage.cache.parent().unwrap().to_path_buf();
         let state = cratere::http::AppState::with_clock(config, clock).unwrap();
         let token = CancellationToken::new();
         let (s, t) = (state.clone(), token.clone());

@@ -122,12 +122,12 @@ impl S3Server {
 
     /// Puts an in-process configuration on this bucket.
     pub fn configure(&self, c: &mut Config) {
-        c.storage = StorageKind::S3;
-        c.s3_bucket = Some(self.bucket.clone());
-        c.s3_endpoint = S3Endpoint(Some(self.endpoint.clone()));
-        c.s3_region = REGION.into();
-        c.s3_path_style = true;
-        c.s3_credentials = Some(S3Credentials {
+        c.storage.kind = StorageKind::S3;
+        c.storage.s3_bucket = Some(self.bucket.clone());
+        c.storage.s3_endpoint = S3Endpoint(Some(self.endpoint.clone()));
+        c.storage.s3_region = REGION.into();
+        c.storage.s3_path_style = true;
+        c.storage.s3_credentials = Some(S3Credentials {
             access_key_id: ACCESS_KEY.into(),
             secret_access_key: SECRET_KEY.into(),
         });

@@ -44,6 +44,90 @@ impl LeaseState {
     }
 }
 
+impl LeaseState {
+    /// Creates the lease, or takes over an expired one; the version written and its expiry,
+    /// `None` while another holder's lease is live (or another replica took it first).
+    async fn take(&self) -> anyhow::Result<Option<(UpdateVersion, SystemTime)>> {
+        for _ in 0..2 {
+            let (payload, expires) = self.payload();
+            match self
+                .store
+                .put_opts(&self.key, payload, PutMode::Create.into())
+                .await
+            {
+                Ok(r) => {
+                    return Ok(Some((UpdateVersion::from(r), expires)));
+                }
+                Err(object_store::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e).context("taking the cleanup lease"),
+            }
+            let got = match self.store.get(&self.key).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => continue, // just released
+                Err(e) => return Err(e).context("reading the cleanup lease"),
+            };
+            let current = UpdateVersion {
+                e_tag: got.meta.e_tag.clone(),
+                version: got.meta.version.clone(),
+            };
+            let body = got.bytes().await.context("reading the cleanup lease")?;
+            if let Ok(held) = serde_json::from_slice::<LeaseBody>(&body)
+                && from_unix_ms(held.expires_unix_ms) > self.clock.now()
+            {
+                tracing::info!(holder = %held.owner, "the cleanup lease is held");
+                return Ok(None);
+            }
+            // Expired (its holder died) or unreadable: take it over, unless someone else
+            // does first.
+            let (payload, expires) = self.payload();
+            match self
+                .store
+                .put_opts(&self.key, payload, PutMode::Update(current).into())
+                .await
+            {
+                Ok(r) => {
+                    tracing::warn!("took over a stale cleanup lease");
+                    return Ok(Some((UpdateVersion::from(r), expires)));
+                }
+                Err(
+                    object_store::Error::Precondition { .. }
+                    | object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::NotFound { .. },
+                ) => return Ok(None),
+                Err(e) => return Err(e).context("taking over the cleanup lease"),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the lease object names this holder.
+    async fn reads_back_as_ours(&self) -> anyhow::Result<bool> {
+        let got = self
+            .store
+            .get(&self.key)
+            .await
+            .context("reading the cleanup lease")?;
+        let body = got.bytes().await.context("reading the cleanup lease")?;
+        Ok(serde_json::from_slice::<LeaseBody>(&body).is_ok_and(|b| b.owner == self.owner))
+    }
+}
+
+/// A name for this holder, unique across replicas and passes: host, pid, time, sequence.
+fn owner_id() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_else(|| "unknown".into());
+    format!(
+        "{}/{}/{}-{}",
+        host.trim(),
+        std::process::id(),
+        unix_ms(SystemTime::now()),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 /// The fleet-wide cleanup lock: an object created only if absent (`If-None-Match: *`), whose
 /// body names the holder and an expiry time. The holder renews it (`If-Match` on the version
 /// it wrote) while its pass runs and deletes it at the end; a lease past its expiry (its
@@ -66,22 +150,10 @@ impl Lease {
         stop: &CancellationToken,
         every: Duration,
     ) -> anyhow::Result<Option<Lease>> {
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-            .unwrap_or_else(|| "unknown".into());
-        let owner = format!(
-            "{}/{}/{}-{}",
-            host.trim(),
-            std::process::id(),
-            unix_ms(SystemTime::now()),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
         let state = Arc::new(LeaseState {
             store,
             key,
-            owner,
+            owner: owner_id(),
             clock,
             held: Mutex::new((
                 UpdateVersion {
@@ -91,72 +163,13 @@ impl Lease {
                 UNIX_EPOCH,
             )),
         });
-        let mut won = None;
-        for _ in 0..2 {
-            let (payload, expires) = state.payload();
-            match state
-                .store
-                .put_opts(&state.key, payload, PutMode::Create.into())
-                .await
-            {
-                Ok(r) => {
-                    won = Some((UpdateVersion::from(r), expires));
-                    break;
-                }
-                Err(object_store::Error::AlreadyExists { .. }) => {}
-                Err(e) => return Err(e).context("taking the cleanup lease"),
-            }
-            let got = match state.store.get(&state.key).await {
-                Ok(got) => got,
-                Err(object_store::Error::NotFound { .. }) => continue, // just released
-                Err(e) => return Err(e).context("reading the cleanup lease"),
-            };
-            let current = UpdateVersion {
-                e_tag: got.meta.e_tag.clone(),
-                version: got.meta.version.clone(),
-            };
-            let body = got.bytes().await.context("reading the cleanup lease")?;
-            if let Ok(held) = serde_json::from_slice::<LeaseBody>(&body)
-                && from_unix_ms(held.expires_unix_ms) > state.clock.now()
-            {
-                tracing::info!(holder = %held.owner, "the cleanup lease is held");
-                return Ok(None);
-            }
-            // Expired (its holder died) or unreadable: take it over, unless someone else
-            // does first.
-            let (payload, expires) = state.payload();
-            match state
-                .store
-                .put_opts(&state.key, payload, PutMode::Update(current).into())
-                .await
-            {
-                Ok(r) => {
-                    tracing::warn!("took over a stale cleanup lease");
-                    won = Some((UpdateVersion::from(r), expires));
-                    break;
-                }
-                Err(
-                    object_store::Error::Precondition { .. }
-                    | object_store::Error::AlreadyExists { .. }
-                    | object_store::Error::NotFound { .. },
-                ) => return Ok(None),
-                Err(e) => return Err(e).context("taking over the cleanup lease"),
-            }
-        }
-        let Some(won) = won else {
+        let Some(won) = state.take().await? else {
             return Ok(None);
         };
         // Read back: on a store that does not apply conditions atomically, the last of two
         // concurrent writers is the one that holds it.
-        let got = state
-            .store
-            .get(&state.key)
-            .await
-            .context("reading the cleanup lease")?;
-        let body = got.bytes().await.context("reading the cleanup lease")?;
-        match serde_json::from_slice::<LeaseBody>(&body) {
-            Ok(b) if b.owner == state.owner => {}
-            _ => return Ok(None),
+        if !state.reads_back_as_ours().await? {
+            return Ok(None);
         }
         *state.held.lock().expect("lock poisoned") = won;
         let lease = Lease {

@@ -44,7 +44,7 @@ pub use lease::{LEASE_TTL, Lease};
 
 use super::{CrateInfo, FsStore, StoredCrate};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::S3Settings;
 use crate::names::CrateKey;
 use local_cache::LocalCache;
 
@@ -105,11 +105,12 @@ fn object_time(t: chrono::DateTime<chrono::Utc>) -> SystemTime {
 
 impl S3Crates {
     /// A client for the configured bucket (no request is made: see [`S3Crates::check`]).
-    pub fn new(config: &Config, local: FsStore) -> anyhow::Result<S3Crates> {
-        let bucket = config
-            .s3_bucket
-            .clone()
-            .context("CRATERE_S3_BUCKET is required with CRATERE_STORAGE=s3")?;
+    pub fn new(
+        config: &S3Settings,
+        local: FsStore,
+        max_unused: Duration,
+    ) -> anyhow::Result<S3Crates> {
+        let bucket = config.bucket.clone();
         // Hits stream for as long as the client takes: no total timeout, but a bound on
         // each wait for bytes.
         let mut options = ClientOptions::new()
@@ -118,19 +119,19 @@ impl S3Crates {
             .with_read_timeout(Duration::from_secs(30));
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&bucket)
-            .with_region(&config.s3_region)
-            .with_virtual_hosted_style_request(!config.s3_path_style)
+            .with_region(&config.region)
+            .with_virtual_hosted_style_request(!config.path_style)
             .with_retry(RetryConfig {
                 max_retries: 3,
                 retry_timeout: Duration::from_secs(20),
                 ..RetryConfig::default()
             });
-        if let Some(c) = &config.s3_credentials {
+        if let Some(c) = &config.credentials {
             builder = builder
                 .with_access_key_id(&c.access_key_id)
                 .with_secret_access_key(&c.secret_access_key);
         }
-        if let Some(endpoint) = &config.s3_endpoint.0 {
+        if let Some(endpoint) = &config.endpoint.0 {
             options = options.with_allow_http(endpoint.starts_with("http://"));
             builder = builder.with_endpoint(endpoint);
         }
@@ -139,18 +140,17 @@ impl S3Crates {
             .build()
             .context("CRATERE_S3_*: cannot build the S3 client")?;
         // Records at most every 1/100 of the age limit, and at least daily.
-        let resolution = (config.max_unused / 100).min(Duration::from_secs(86_400));
+        let resolution = (max_unused / 100).min(Duration::from_secs(86_400));
         let local_cache = config
-            .s3_local_cache_size
+            .local_cache_size
             .map(|max| LocalCache::open(local.clone(), max))
-            .transpose()
-            .with_context(|| format!("CRATERE_CACHE={}", config.cache.display()))?;
+            .transpose()?;
         Ok(S3Crates {
             local_cache,
             store: Arc::new(store),
             local,
             bucket,
-            prefix: config.s3_prefix.as_str().to_string(),
+            prefix: config.prefix.as_str().to_string(),
             resolution,
             written: Mutex::default(),
             uploads: Semaphore::new(UPLOADS),
