@@ -109,6 +109,16 @@ impl Output {
     }
 }
 
+fn os_args<I, S>(args: I) -> Vec<std::ffi::OsString>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    args.into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect()
+}
+
 /// Runs git in `dir` with `envs`, feeding `input` to stdin; collects stdout and stderr.
 /// Dropping the future kills the process group.
 pub async fn run<I, S>(
@@ -121,10 +131,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<_> = args
-        .into_iter()
-        .map(|a| a.as_ref().to_os_string())
-        .collect();
+    let args = os_args(args);
     let mut cmd = Command::new("git");
     cmd.args(&args)
         .current_dir(dir)
@@ -182,10 +189,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<_> = args
-        .into_iter()
-        .map(|a| a.as_ref().to_os_string())
-        .collect();
+    let args = os_args(args);
     let out = run(dir, &args, envs, input).await?;
     if !out.status.success() {
         let cmd: Vec<_> = args.iter().take(3).map(|a| a.to_string_lossy()).collect();

@@ -352,16 +352,21 @@ impl S3Crates {
             .collect())
     }
 
-    /// The newest usage record of a crate.
-    async fn newest_record(&self, rel: &str) -> io::Result<Option<SystemTime>> {
-        let records: Vec<_> = self
-            .store
+    /// The keys of a crate's usage records.
+    async fn records_of(&self, rel: &str) -> io::Result<Vec<Path>> {
+        self.store
             .list(Some(&self.records_dir(rel)?))
             .map_ok(|m| m.location)
             .try_collect()
             .await
-            .map_err(to_io)?;
-        Ok(records
+            .map_err(to_io)
+    }
+
+    /// The newest usage record of a crate.
+    async fn newest_record(&self, rel: &str) -> io::Result<Option<SystemTime>> {
+        Ok(self
+            .records_of(rel)
+            .await?
             .iter()
             .filter_map(|p| p.filename()?.parse::<u64>().ok())
             .max()
@@ -390,13 +395,7 @@ impl S3Crates {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(to_io(e)),
         }
-        let records: Vec<_> = self
-            .store
-            .list(Some(&self.records_dir(rel)?))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(to_io)?;
+        let records = self.records_of(rel).await?;
         self.delete_all(records).await?;
         self.written.lock().expect("lock poisoned").remove(rel);
         Ok(true)
