@@ -541,6 +541,14 @@ pub struct ServerConfig {
           value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 
+    /// How long a connection may stay open without a request in progress (HTTP/1.1
+    /// keep-alive and HTTP/2 alike; an HTTP/2 peer answering pings does not count). A new
+    /// connection must complete its first request head (or HTTP/2 preface, after any TLS
+    /// handshake) within CRATERE_HEADER_READ_TIMEOUT.
+    #[arg(long, env = "CRATERE_IDLE_TIMEOUT", default_value = "60s",
+          value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Longest time to produce a response's headers (504 after that); bodies then stream for
     /// as long as they need.
     #[arg(long, env = "CRATERE_REQUEST_TIMEOUT", default_value = "60s",

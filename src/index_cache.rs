@@ -45,6 +45,9 @@ struct Header {
     len: u64,
     #[serde(flatten)]
     validators: Validators,
+    /// Upstream last answered 404/410/451: the body is the last copy it gave.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    gone: bool,
 }
 
 /// A cached index file.
@@ -55,8 +58,11 @@ pub struct Entry {
     /// Hex sha256 of `body`, the strong ETag served to clients.
     pub sha256: String,
     pub validators: Validators,
-    /// When upstream last confirmed these bytes.
+    /// When upstream last confirmed these bytes (or, when `gone`, their absence).
     pub fetched: SystemTime,
+    /// Upstream said the crate no longer exists. The copy is kept (a misconfigured upstream
+    /// must not empty the cache) until a cleanup removes it, but clients get 404.
+    pub gone: bool,
 }
 
 impl Entry {
@@ -64,8 +70,10 @@ impl Entry {
         format!("\"{}\"", self.sha256)
     }
 
+    /// Time since upstream confirmed it. A time in the future (a clock that jumped back, a
+    /// file copied from elsewhere) is no reason to serve it forever: it counts as stale.
     fn age(&self, now: SystemTime) -> Duration {
-        now.duration_since(self.fetched).unwrap_or_default()
+        now.duration_since(self.fetched).unwrap_or(Duration::MAX)
     }
 }
 
@@ -81,8 +89,12 @@ pub enum Served {
 
 #[derive(Debug, Clone)]
 enum Refreshed {
-    Found { entry: Entry, changed: bool },
-    NotFound,
+    Found {
+        entry: Entry,
+        changed: bool,
+    },
+    /// Upstream says there is no such file; the tombstone kept for the copy we had, if any.
+    NotFound(Option<Entry>),
 }
 
 pub struct IndexCache {
@@ -134,9 +146,10 @@ impl IndexCache {
         &self.store
     }
 
-    /// The cached copy of an index file, fresh or not, without asking upstream.
+    /// The cached copy of an index file, fresh or not, without asking upstream (none once
+    /// upstream said the crate is gone).
     pub async fn cached(&self, key: &IndexKey) -> Option<Entry> {
-        read_entry(&self.store, key).await
+        read_entry(&self.store, key).await.filter(|e| !e.gone)
     }
 
     /// Looks up an index file. `Ok(None)`: upstream says it does not exist. `Err`: upstream
@@ -173,7 +186,7 @@ impl IndexCache {
             && !force
             && e.age(self.clock.now()) < self.ttl
         {
-            return Ok(Some((e.clone(), Served::Hit)));
+            return Ok((!e.gone).then(|| (e.clone(), Served::Hit)));
         }
         let (store, upstream, k) = (self.store.clone(), self.upstream.clone(), key.clone());
         let clock = self.clock.clone();
@@ -187,7 +200,10 @@ impl IndexCache {
         let res = res.unwrap_or_else(|| Err(UpstreamError::Body("internal task failed".into())));
         match &res {
             Ok(Refreshed::Found { entry, .. }) => self.memory.insert(key.clone(), entry.clone()),
-            Ok(Refreshed::NotFound) => self.memory.invalidate(key),
+            Ok(Refreshed::NotFound(Some(tombstone))) => {
+                self.memory.insert(key.clone(), tombstone.clone())
+            }
+            Ok(Refreshed::NotFound(None)) => self.memory.invalidate(key),
             Err(_) => {}
         }
         match res {
@@ -199,8 +215,10 @@ impl IndexCache {
                 };
                 Ok(Some((entry, how)))
             }
-            Ok(Refreshed::NotFound) => Ok(None),
+            Ok(Refreshed::NotFound(_)) => Ok(None),
             Err(e) => match cached {
+                // Upstream's last word was that it is gone.
+                Some(c) if c.gone => Ok(None),
                 Some(c) => {
                     tracing::warn!(key = %key.relative(), error = %e, "upstream failed; serving stale index file");
                     Ok(Some((c, Served::Stale(e))))
@@ -244,7 +262,9 @@ async fn read_entry(store: &FsStore, key: &IndexKey) -> Option<Entry> {
         let body = data.slice(nl + 1..);
         (body.len() as u64 == header.len).then_some((header, body))
     });
-    let Some((header, body)) = parsed else {
+    // A torn or damaged file (its body no longer hashes to the header's sha256) is never
+    // served: it counts as absent and is fetched again.
+    let Some((header, body)) = parsed.filter(|(h, body)| sha256_hex(body) == h.sha256) else {
         tracing::warn!(path = %path.display(), "ignoring a corrupt cached index file");
         return None;
     };
@@ -253,6 +273,7 @@ async fn read_entry(store: &FsStore, key: &IndexKey) -> Option<Entry> {
         sha256: header.sha256,
         validators: header.validators,
         fetched: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        gone: header.gone,
     })
 }
 
@@ -263,6 +284,7 @@ fn write_entry(store: &FsStore, key: &IndexKey, entry: &Entry) -> std::io::Resul
         sha256: entry.sha256.clone(),
         len: entry.body.len() as u64,
         validators: entry.validators.clone(),
+        gone: entry.gone,
     };
     let mut tmp = store.temp_file()?;
     let mut line = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
@@ -270,6 +292,9 @@ fn write_entry(store: &FsStore, key: &IndexKey, entry: &Entry) -> std::io::Resul
     tmp.write_all(&line)?;
     tmp.write_all(&entry.body)?;
     tmp.as_file().set_modified(entry.fetched)?;
+    // Durable before it replaces the previous copy: a crash must not leave a torn file in
+    // its place.
+    tmp.as_file().sync_data()?;
     store.persist(tmp, &key.relative())
 }
 
@@ -295,12 +320,22 @@ async fn refresh(
     let now = clock.now();
     let store = Arc::new(store);
     let (entry, changed) = match (fetched, old) {
-        (IndexFetch::NotFound, _) => {
-            let (s, k) = (store.clone(), key.clone());
-            run_blocking(move || s.remove(&k.relative())).await;
-            return Ok(Refreshed::NotFound);
+        (IndexFetch::NotFound, None) => return Ok(Refreshed::NotFound(None)),
+        (IndexFetch::NotFound, Some(old)) => {
+            // Keep the copy, marked: clients get 404; a cleanup removes it once unused.
+            let tombstone = Entry {
+                fetched: now,
+                gone: true,
+                ..old
+            };
+            let (s, k, e) = (store.clone(), key.clone(), tombstone.clone());
+            run_blocking(move || write_entry(&s, &k, &e)).await;
+            return Ok(Refreshed::NotFound(Some(tombstone)));
         }
-        (IndexFetch::NotModified, Some(old)) => (old, false),
+        (IndexFetch::NotModified, Some(old)) => {
+            let was_gone = old.gone;
+            (Entry { gone: false, ..old }, was_gone)
+        }
         (IndexFetch::NotModified, None) => {
             // Upstream answered 304 to an unconditional request: a broken upstream.
             return Err(UpstreamError::Status(304));
@@ -314,13 +349,16 @@ async fn refresh(
             }
             let sha256 = sha256_hex(&body);
             match old {
-                Some(old) if old.sha256 == sha256 && old.validators == validators => (old, false),
+                Some(old) if !old.gone && old.sha256 == sha256 && old.validators == validators => {
+                    (old, false)
+                }
                 _ => (
                     Entry {
                         body,
                         sha256,
                         validators,
                         fetched: now,
+                        gone: false,
                     },
                     true,
                 ),

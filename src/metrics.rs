@@ -145,6 +145,7 @@ pub struct GitSyncFigures {
 
 pub struct Metrics {
     registry: Registry,
+    connections_open: Gauge,
     cache: Family<CacheLabels, Counter>,
     coalesced: Family<KindLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
@@ -277,6 +278,12 @@ impl Metrics {
             "HTTP requests by route and status",
             Family::<RequestLabels, Counter>::default(),
         );
+        let connections_open = register(
+            &mut registry,
+            "connections_open",
+            "Client connections open now (an h2c upgrade counts as a second one)",
+            Gauge::default(),
+        );
         registry.register(
             "sendfile_bytes",
             "Body bytes sent with sendfile(2), straight from the page cache (process-wide)",
@@ -337,6 +344,7 @@ impl Metrics {
         let cleanup = CleanupGauges::registered(&mut registry);
         Metrics {
             registry,
+            connections_open,
             upstream_up,
             git,
             cleanup,
@@ -357,6 +365,11 @@ impl Metrics {
             started: SystemTime::now(),
             scans: AtomicU64::new(0),
         }
+    }
+
+    /// The gauge of open client connections, which the server keeps.
+    pub fn connections_gauge(&self) -> Gauge {
+        self.connections_open.clone()
     }
 
     pub fn cache(&self, kind: Kind, outcome: Outcome) {

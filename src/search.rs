@@ -19,6 +19,10 @@ use crate::upstream::{Upstream, UpstreamError};
 
 /// How long an identical query is answered from memory.
 const CACHE_TTL: Duration = Duration::from_secs(60);
+/// How long a local answer (upstream failing) is reused for an identical query: a walk of
+/// the caches and a listing of the crate store per client would be a cheap way to load the
+/// proxy, but upstream should be asked again soon.
+const LOCAL_TTL: Duration = Duration::from_secs(10);
 /// Most queries kept in memory.
 const CACHE_ENTRIES: usize = 1024;
 /// Longest a query waits for its upstream slot before it gets a 429 instead.
@@ -138,8 +142,9 @@ pub struct Search {
     upstream: Upstream,
     api: url::Url,
     limiter: RateLimiter,
-    cache: Mutex<HashMap<SearchKey, (Instant, Answer)>>,
-    flights: SingleFlight<SearchKey, Result<Answer, SearchFailure>>,
+    /// Answers by query: until when, the answer, where it came from.
+    cache: Mutex<HashMap<SearchKey, (Instant, Answer, Source)>>,
+    flights: SingleFlight<SearchKey, Result<(Answer, Source), Duration>>,
     index: Arc<IndexCache>,
     crates: CrateStore,
 }
@@ -169,26 +174,32 @@ impl Search {
         }
     }
 
-    fn cached(&self, key: &SearchKey) -> Option<Answer> {
+    fn cached(&self, key: &SearchKey) -> Option<(Answer, Source)> {
         let cache = self.cache.lock().expect("lock poisoned");
         cache
             .get(key)
-            .filter(|(at, _)| at.elapsed() < CACHE_TTL)
-            .map(|(_, a)| a.clone())
+            .filter(|(until, _, _)| Instant::now() < *until)
+            .map(|(_, a, source)| (a.clone(), *source))
     }
 
-    fn remember(&self, key: SearchKey, answer: Answer) {
+    fn remember(&self, key: SearchKey, answer: Answer, source: Source) {
+        let ttl = if source == Source::Local {
+            LOCAL_TTL
+        } else {
+            CACHE_TTL
+        };
+        let now = Instant::now();
         let mut cache = self.cache.lock().expect("lock poisoned");
-        cache.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+        cache.retain(|_, (until, _, _)| now < *until);
         if cache.len() >= CACHE_ENTRIES
             && let Some(oldest) = cache
                 .iter()
-                .min_by_key(|(_, (at, _))| *at)
+                .min_by_key(|(_, (until, _, _))| *until)
                 .map(|(k, _)| k.clone())
         {
             cache.remove(&oldest);
         }
-        cache.insert(key, (Instant::now(), answer));
+        cache.insert(key, (now + ttl, answer, source));
     }
 }
 
@@ -196,31 +207,36 @@ impl Search {
     /// Answers a search: from the answer cache, from upstream (one request at a time, spaced
     /// by the rate limit, identical queries coalesced), or from the local caches.
     pub async fn search(self: &Arc<Self>, query: &SearchQuery) -> SearchAnswer {
-        if let Some(a) = self.cached(query) {
-            return found(a, Source::Cache);
+        if let Some((a, source)) = self.cached(query) {
+            let source = match source {
+                Source::Local => Source::Local,
+                _ => Source::Cache,
+            };
+            return found(a, source);
         }
         let (s, k) = (self.clone(), query.clone());
+        // One flight per query, the local fallback included: clients waiting on the same
+        // query share one walk of the caches.
         let (res, _) = self
             .flights
-            .run(
-                query.clone(),
-                move || async move { ask_upstream(&s, &k).await },
-            )
+            .run(query.clone(), move || async move {
+                let (answer, source) = match ask_upstream(&s, &k).await {
+                    Ok(answer) => (answer, Source::Upstream),
+                    Err(SearchFailure::RateLimited(wait)) => return Err(wait),
+                    Err(SearchFailure::Upstream(e)) => {
+                        tracing::warn!(error = %e, "search upstream failed; answering from the cache");
+                        (local_answer(&s, &k).await, Source::Local)
+                    }
+                };
+                if answer.status == 200 {
+                    s.remember(k, answer.clone(), source);
+                }
+                Ok((answer, source))
+            })
             .await;
         match res {
-            Some(Ok(answer)) => {
-                if answer.status == 200 {
-                    self.remember(query.clone(), answer.clone());
-                }
-                found(answer, Source::Upstream)
-            }
-            Some(Err(SearchFailure::RateLimited(retry_after))) => {
-                SearchAnswer::RateLimited { retry_after }
-            }
-            Some(Err(SearchFailure::Upstream(e))) => {
-                tracing::warn!(error = %e, "search upstream failed; answering from the cache");
-                found(local_answer(self, query).await, Source::Local)
-            }
+            Some(Ok((answer, source))) => found(answer, source),
+            Some(Err(retry_after)) => SearchAnswer::RateLimited { retry_after },
             None => SearchAnswer::Failed,
         }
     }
@@ -314,7 +330,8 @@ async fn local_answer(search: &Search, key: &SearchKey) -> Answer {
     // Exact matches first, then by name.
     found.sort_by_key(|(n, _)| (normalize(n) != needle, n.to_ascii_lowercase()));
     let total = found.len();
-    let start = ((key.page - 1) * key.per_page) as usize;
+    // Both come from the client: u32 arithmetic would overflow.
+    let start = (key.page as usize - 1).saturating_mul(key.per_page as usize);
     let crates: Vec<_> = found
         .into_iter()
         .skip(start)

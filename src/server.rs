@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -39,6 +40,8 @@ pub async fn run(
         max_header_bytes: config.max_header_bytes,
         max_headers: config.max_headers,
         header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        open: state.core.metrics.connections_gauge(),
     };
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
@@ -103,8 +106,13 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most request headers.
     pub max_headers: usize,
-    /// Time a client has to send a complete request head.
+    /// Time a client has to send a complete request head; for a new connection, counted
+    /// from the accept (TLS handshake, protocol detection, HTTP/2 preface included).
     pub header_read_timeout: Duration,
+    /// Longest time a connection stays open with no request in progress.
+    pub idle_timeout: Duration,
+    /// Connections open now (`cratere_connections_open`).
+    pub open: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// hyper's HTTP/1.1 and HTTP/2 settings: the limits on heads, streams and idle time.
@@ -143,18 +151,17 @@ fn serve_plain(
             watcher: std::sync::Mutex::new(Some(graceful.watcher())),
             preface_timeout: limits.header_read_timeout,
             max_header_list: limits.max_header_bytes,
+            limits: limits.clone(),
         }),
     };
+    let activity = Activity::new();
+    let service = Tracked::new(service, &activity);
     let io = TokioIo::new(crate::sendfile::SendfileStream::new(stream));
     let conn = builder
         .serve_connection_with_upgrades(io, service)
         .into_owned();
     let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "connection ended with an error");
-        }
-    });
+    tokio::spawn(with_deadlines(conn, activity, limits.clone()));
 }
 
 /// One TLS connection: the handshake within the head-read timeout, then HTTP/1.1 or HTTP/2
@@ -167,8 +174,10 @@ fn serve_tls(
     limits: &Limits,
     acceptor: &TlsAcceptor,
 ) {
-    let service = TowerToHyperService::new(app.clone());
+    let activity = Activity::new();
+    let service = Tracked::new(TowerToHyperService::new(app.clone()), &activity);
     let (acceptor, builder) = (acceptor.clone(), builder.clone());
+    let limits = limits.clone();
     let handshake_timeout = limits.header_read_timeout;
     let watcher = graceful.watcher();
     tokio::spawn(async move {
@@ -183,9 +192,7 @@ fn serve_tls(
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(tls), service)
             .into_owned();
-        if let Err(e) = watcher.watch(conn).await {
-            tracing::debug!(error = %e, "connection ended with an error");
-        }
+        with_deadlines(watcher.watch(conn), activity, limits).await;
     });
 }
 
@@ -238,6 +245,7 @@ struct UpgradeCtx {
     preface_timeout: Duration,
     /// The HTTP/2 server's header list limit (the upgraded request must fit it).
     max_header_list: usize,
+    limits: Limits,
 }
 
 /// The service of a plain HTTP connection: the router, plus the h2c upgrade.
@@ -291,13 +299,10 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for PlainSer
                     }
                 };
                 let io = TokioIo::new(crate::h2c::Prefixed::new(prefix, io));
-                let conn = ctx
-                    .builder
-                    .serve_connection(io, TowerToHyperService::new(ctx.app.clone()))
-                    .into_owned();
-                if let Err(e) = watcher.watch(conn).await {
-                    tracing::debug!(error = %e, "h2c connection ended with an error");
-                }
+                let activity = Activity::new();
+                let service = Tracked::new(TowerToHyperService::new(ctx.app.clone()), &activity);
+                let conn = ctx.builder.serve_connection(io, service).into_owned();
+                with_deadlines(watcher.watch(conn), activity, ctx.limits.clone()).await;
             });
             return Either::Left(std::future::ready(Ok(crate::h2c::switching_protocols())));
         }
@@ -309,4 +314,164 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for PlainSer
         }
         Either::Right(self.inner.call(req))
     }
+}
+
+/// What a connection is doing, for its deadlines: requests seen, requests in progress (a
+/// response counts until its body has been sent or dropped), and since when it is idle.
+struct Activity {
+    seen: AtomicU64,
+    in_flight: AtomicUsize,
+    idle_since: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            seen: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        })
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        Some(self.idle_since.lock().expect("lock poisoned").elapsed())
+    }
+}
+
+/// One request in progress; its end makes the connection idle if it was the last.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> InFlight {
+        activity.seen.fetch_add(1, Ordering::SeqCst);
+        activity.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *self.0.idle_since.lock().expect("lock poisoned") = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// A hyper service whose requests are counted in an [`Activity`] until their response body
+/// ends.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Tracked<S> {
+    fn new(inner: S, activity: &Arc<Activity>) -> Self {
+        Tracked {
+            inner,
+            activity: activity.clone(),
+        }
+    }
+}
+
+impl<S, B> hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Tracked<S>
+where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = hyper::Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>,
+    >;
+
+    fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let guard = InFlight::start(&self.activity);
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|body| TrackedBody {
+                inner: body,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its request counted as in progress until it is dropped.
+struct TrackedBody<B> {
+    inner: B,
+    _guard: InFlight,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Runs a connection until it ends, or until it breaks a deadline: no complete first
+/// request within `header_read_timeout` of the accept (a client that sends nothing, half an
+/// HTTP/2 preface, or nothing after its TLS handshake), or no request in progress for
+/// `idle_timeout`. Dropping the connection closes it.
+async fn with_deadlines<C, E>(conn: C, activity: Arc<Activity>, limits: Limits)
+where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let accepted = tokio::time::Instant::now();
+    let watchdog = async {
+        loop {
+            let now = tokio::time::Instant::now();
+            let first_due = accepted + limits.header_read_timeout;
+            if activity.seen.load(Ordering::SeqCst) == 0 && now >= first_due {
+                tracing::debug!("no request in time; closing the connection");
+                return;
+            }
+            let idle_due = match activity.idle_for() {
+                Some(idle) if idle >= limits.idle_timeout => {
+                    tracing::debug!("idle connection closed");
+                    return;
+                }
+                Some(idle) => now + (limits.idle_timeout - idle),
+                None => now + limits.idle_timeout,
+            };
+            let wake = if activity.seen.load(Ordering::SeqCst) == 0 {
+                idle_due.min(first_due)
+            } else {
+                idle_due
+            };
+            tokio::time::sleep_until(wake).await;
+        }
+    };
+    limits.open.inc();
+    tokio::select! {
+        res = conn => {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = watchdog => {}
+    }
+    limits.open.dec();
 }

@@ -159,8 +159,14 @@ impl CrateBody {
 /// instead of after a timeout each. A health probe ([`Upstream::probe`]) closes it again; the
 /// wait between probes doubles up to 5 minutes while upstream stays down.
 pub struct Breaker {
+    /// For logs: which upstream.
+    name: &'static str,
     threshold: u32,
     backoff: Duration,
+    /// Whether a client request may be the probe once the back-off has passed (for upstreams
+    /// without a health probe of their own: the download host, the web API). The index has
+    /// [`Upstream::probe`] instead, so no client ever waits on a down index.
+    trial: bool,
     state: std::sync::Mutex<BreakerState>,
 }
 
@@ -175,10 +181,12 @@ struct BreakerState {
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 impl Breaker {
-    pub fn new(threshold: u32, backoff: Duration) -> Breaker {
+    pub fn new(name: &'static str, threshold: u32, backoff: Duration, trial: bool) -> Breaker {
         Breaker {
+            name,
             threshold,
             backoff,
+            trial,
             state: Default::default(),
         }
     }
@@ -197,17 +205,23 @@ impl Breaker {
     }
 
     fn check(&self) -> Result<(), UpstreamError> {
-        if self.lock().open_until.is_some() {
-            Err(UpstreamError::Down)
-        } else {
-            Ok(())
+        let mut st = self.lock();
+        match st.open_until {
+            None => Ok(()),
+            // Half-open: this request is the probe; the others keep failing at once until
+            // it succeeds (closing the breaker) or fails (doubling the wait).
+            Some(t) if self.trial && Instant::now() >= t => {
+                st.open_until = Some(Instant::now() + st.wait.max(self.backoff));
+                Ok(())
+            }
+            Some(_) => Err(UpstreamError::Down),
         }
     }
 
     fn success(&self) {
         let mut st = self.lock();
         if st.open_until.is_some() {
-            tracing::info!("upstream is back");
+            tracing::info!(upstream = self.name, "upstream is back");
         }
         *st = BreakerState::default();
     }
@@ -225,8 +239,8 @@ impl Breaker {
         } else if st.failures >= self.threshold {
             st.wait = self.backoff;
             st.open_until = Some(Instant::now() + st.wait);
-            tracing::warn!(failures = st.failures, error = %e, backoff = ?st.wait,
-                "upstream marked down; serving from the cache until a probe succeeds");
+            tracing::warn!(upstream = self.name, failures = st.failures, error = %e,
+                backoff = ?st.wait, "upstream marked down; serving from the cache until a probe succeeds");
         }
     }
 }
@@ -240,7 +254,9 @@ pub struct Upstream {
     sparse: Url,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
-    breaker: Arc<Breaker>,
+    /// One per upstream service, so that one failing does not take the others down: the
+    /// sparse index, the download host, the web API (search).
+    breakers: Arc<[Breaker; 3]>,
 }
 
 impl Upstream {
@@ -263,15 +279,29 @@ impl Upstream {
             sparse: config.upstream_sparse.clone(),
             permits: Arc::new(Semaphore::new(config.upstream_concurrency)),
             metrics,
-            breaker: Arc::new(Breaker::new(
-                config.upstream_failure_threshold,
-                config.upstream_backoff,
-            )),
+            breakers: Arc::new([Kind::Index, Kind::Crate, Kind::Api].map(|kind| {
+                Breaker::new(
+                    kind.as_str(),
+                    config.upstream_failure_threshold,
+                    config.upstream_backoff,
+                    kind != Kind::Index,
+                )
+            })),
         })
     }
 
+    /// The sparse index's breaker: "upstream down" on the status page and in
+    /// `cratere_upstream_up`.
     pub fn breaker(&self) -> &Breaker {
-        &self.breaker
+        self.breaker_of(Kind::Index)
+    }
+
+    pub fn breaker_of(&self, kind: Kind) -> &Breaker {
+        &self.breakers[match kind {
+            Kind::Index => 0,
+            Kind::Crate => 1,
+            Kind::Api => 2,
+        }]
     }
 
     /// Health probe: asks for upstream's config.json past the breaker; success closes it.
@@ -284,17 +314,17 @@ impl Upstream {
         let ok = match self.client.get(url).send().await {
             Ok(r) if r.status().is_success() => true,
             Ok(r) => {
-                self.breaker
+                self.breaker()
                     .failure(&UpstreamError::Status(r.status().as_u16()));
                 false
             }
             Err(e) => {
-                self.breaker.failure(&e.into());
+                self.breaker().failure(&e.into());
                 false
             }
         };
         if ok {
-            self.breaker.success();
+            self.breaker().success();
         }
         ok
     }
@@ -302,13 +332,22 @@ impl Upstream {
     /// Records a failed upstream call (metrics, breaker) and passes the error on.
     pub fn failed(&self, kind: Kind, e: UpstreamError) -> UpstreamError {
         self.metrics.upstream_error(kind, e.label(), &e.to_string());
-        self.breaker.failure(&e);
+        self.breaker_of(kind).failure(&e);
         e
     }
 
-    fn answered(&self) {
+    fn answered(&self, kind: Kind) {
         self.metrics.upstream_ok();
-        self.breaker.success();
+        self.breaker_of(kind).success();
+    }
+
+    /// A slot for a request to `kind`'s upstream: the breaker is checked before the wait and
+    /// again after it, so requests queued while upstream went down do not each wait for it.
+    async fn slot(&self, kind: Kind) -> Result<OwnedSemaphorePermit, UpstreamError> {
+        self.breaker_of(kind).check()?;
+        let permit = self.permit().await;
+        self.breaker_of(kind).check()?;
+        Ok(permit)
     }
 
     /// Records bytes received from upstream.
@@ -345,8 +384,7 @@ impl Upstream {
             .sparse
             .join(rel)
             .map_err(|e| UpstreamError::Config(e.to_string()))?;
-        self.breaker.check()?;
-        let _permit = self.permit().await;
+        let _permit = self.slot(Kind::Index).await?;
         let mut req = self
             .client
             .get(url)
@@ -403,7 +441,7 @@ impl Upstream {
             body.extend_from_slice(&chunk);
             self.received(chunk.len());
         }
-        self.answered();
+        self.answered(Kind::Index);
         Ok(IndexFetch::Modified {
             body: body.freeze(),
             validators,
@@ -413,8 +451,7 @@ impl Upstream {
     /// Starts a crate download; the body is read with [`CrateBody::chunk`]. `None`: upstream
     /// has no such file (404).
     pub async fn fetch_crate(&self, url: Url) -> Result<Option<CrateBody>, UpstreamError> {
-        self.breaker.check()?;
-        let permit = self.permit().await;
+        let permit = self.slot(Kind::Crate).await?;
         let started = Instant::now();
         let resp = self
             .client
@@ -425,13 +462,16 @@ impl Upstream {
         self.metrics
             .upstream_response(Kind::Crate, started.elapsed());
         match resp.status() {
-            StatusCode::OK => Ok(Some(CrateBody {
-                len: resp.content_length(),
-                response: resp,
-                _permit: permit,
-            })),
+            StatusCode::OK => {
+                self.answered(Kind::Crate);
+                Ok(Some(CrateBody {
+                    len: resp.content_length(),
+                    response: resp,
+                    _permit: permit,
+                }))
+            }
             StatusCode::NOT_FOUND => {
-                self.answered();
+                self.answered(Kind::Crate);
                 Ok(None)
             }
             StatusCode::TOO_MANY_REQUESTS => {
@@ -450,8 +490,7 @@ impl Upstream {
     /// bodies over 8 MiB are refused.
     pub async fn fetch_api(&self, url: Url) -> Result<(u16, Bytes), UpstreamError> {
         const MAX: usize = 8 << 20;
-        self.breaker.check()?;
-        let _permit = self.permit().await;
+        let _permit = self.slot(Kind::Api).await?;
         let started = Instant::now();
         let result = async {
             let mut resp = self
@@ -479,7 +518,7 @@ impl Upstream {
                 Err(self.failed(Kind::Api, UpstreamError::Status(status)))
             }
             Ok(ok) => {
-                self.answered();
+                self.answered(Kind::Api);
                 Ok(ok)
             }
             Err(e) => Err(self.failed(Kind::Api, e)),

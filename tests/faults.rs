@@ -206,3 +206,107 @@ async fn a_client_that_never_finishes_its_request_is_disconnected() {
     assert!(!text.contains("200 OK"), "{text}");
     assert_eq!(proxy.get("/health").await.status(), 200);
 }
+
+/// Reads until the server closes the connection; `true` if it did within `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = Vec::new();
+    matches!(
+        tokio::time::timeout(within, stream.read_to_end(&mut buf)).await,
+        Ok(Ok(_)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn connections_that_never_send_a_request_are_closed() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.server.header_read_timeout = Duration::from_millis(300);
+    let proxy = Proxy::start_with(cfg).await;
+    // Nothing at all: the protocol sniffing must not wait forever.
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // Half an HTTP/2 preface.
+    let mut half = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // A complete preface and settings, then no request.
+    let mut h2 = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    for (what, s) in [
+        ("silent", &mut silent),
+        ("half preface", &mut half),
+        ("h2", &mut h2),
+    ] {
+        assert!(closed_within(s, Duration::from_secs(10)).await, "{what}");
+    }
+    assert_eq!(proxy.get("/health").await.status(), 200);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_http1_and_http2_alike() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.server.idle_timeout = Duration::from_millis(500);
+    let proxy = Proxy::start_with(cfg).await;
+    // HTTP/1.1 keep-alive: one request, then silence.
+    let mut h1 = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    h1.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed_within(&mut h1, Duration::from_secs(10)).await);
+    // HTTP/2 (prior knowledge): reqwest keeps the connection and answers pings; it is still
+    // closed once idle. The metric request itself is one more, short-lived, connection.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .get(format!("{}/health", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let open = || async {
+        let text = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+            .get(format!("{}/metrics", proxy.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("cratere_connections_open ")?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap()
+    };
+    assert!(open().await >= 2.0, "the HTTP/2 connection is open");
+    common::wait_until_async(
+        || async { open().await <= 1.0 },
+        "the idle HTTP/2 connection to close",
+    )
+    .await;
+    // A download that streams for longer than the idle timeout is not cut.
+    up.publish("slow", "1.0.0", 64 * 1024);
+    up.set_fault(
+        Target::Crate,
+        Fault::Trickle {
+            piece: 8 * 1024,
+            pause: Duration::from_millis(150),
+        },
+    );
+    let r = h2
+        .get(format!("{}/api/v1/crates/slow/1.0.0/download", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 64 * 1024);
+}

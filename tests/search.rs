@@ -177,3 +177,65 @@ async fn errors_use_cargos_json_format() {
     }
     assert!(up.api_times().is_empty());
 }
+
+#[tokio::test]
+async fn a_failing_search_api_does_not_take_downloads_or_the_index_down() {
+    let up = FakeUpstream::start().await;
+    up.publish("serde", "1.0.0", 100);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.search.upstream_api = up.url.parse().unwrap();
+    cfg.search.search_interval = Duration::from_millis(1);
+    cfg.upstream.upstream_failure_threshold = 2;
+    let proxy = Proxy::start_with(cfg).await;
+    // An API outage (or an air-gapped API) while the index and the downloads are fine.
+    up.set_fault(Target::Api, Fault::Status(503));
+    for q in ["a", "b", "c", "d"] {
+        let r = proxy.get(&format!("/api/v1/crates?q={q}")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-cratere-search"], "local");
+    }
+    let r = proxy.get("/api/v1/crates/serde/1.0.0/download").await;
+    assert_eq!(r.status(), 200, "the download breaker is not the API's");
+    assert_eq!(proxy.metric("cratere_upstream_up").await, 1.0);
+    // Page numbers from the client cannot overflow the local answer's arithmetic.
+    let r = proxy
+        .get("/api/v1/crates?q=serde&page=4294967295&per_page=100")
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["crates"].as_array().unwrap().len(), 0);
+    assert_eq!(v["meta"]["total"], 1);
+}
+
+#[tokio::test]
+async fn clients_waiting_on_one_failing_query_share_one_local_answer() {
+    let up = FakeUpstream::start().await;
+    up.publish("tokio", "1.0.0", 10);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = std::sync::Arc::new(start(&up, dir.path()).await);
+    proxy.get("/index/to/ki/tokio").await.bytes().await.unwrap();
+    up.set_fault(Target::Api, Fault::Status(503));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let p = proxy.clone();
+            tokio::spawn(async move {
+                let r = p.get("/api/v1/crates?q=tok").await;
+                (
+                    r.headers()["x-cratere-search"].clone(),
+                    r.text().await.unwrap(),
+                )
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (source, body) = t.await.unwrap();
+        assert_eq!(source, "local");
+        assert!(body.contains("tokio"), "{body}");
+    }
+    // One upstream attempt for the eight clients, and the local answer is reused.
+    assert_eq!(up.api_times().len(), 1);
+    let r = proxy.get("/api/v1/crates?q=tok").await;
+    assert_eq!(r.headers()["x-cratere-search"], "local");
+    assert_eq!(up.api_times().len(), 1);
+}

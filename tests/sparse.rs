@@ -273,18 +273,77 @@ async fn without_a_copy_upstream_errors_are_502_and_timeouts_504() {
 }
 
 #[tokio::test]
-async fn deleted_crates_become_404_and_leave_the_cache() {
+async fn deleted_crates_become_404_but_upstream_cannot_wipe_the_cache() {
     let up = FakeUpstream::start().await;
     up.publish("gone", "1.0.0", 10);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Proxy::config(&up.url, dir.path());
     cfg.sparse.index_ttl = Duration::ZERO;
-    let proxy = Proxy::start_with(cfg).await;
-    assert_eq!(proxy.get("/index/go/ne/gone").await.status(), 200);
-    assert!(dir.path().join("index/sparse/go/ne/gone").exists());
+    let proxy = Proxy::start_with(cfg.clone()).await;
+    let good = proxy.get("/index/go/ne/gone").await.text().await.unwrap();
+    let file = dir.path().join("index/sparse/go/ne/gone");
+    assert!(file.exists());
     up.remove_crate("gone");
     assert_eq!(proxy.get("/index/go/ne/gone").await.status(), 404);
-    assert!(!dir.path().join("index/sparse/go/ne/gone").exists());
+    let r = proxy.get("/api/v1/crates/gone/1.0.0/download").await;
+    assert_eq!(r.status(), 404, "nor its downloads");
+    // The copy stays on disk (a cleanup removes it once unused), and 404 survives a restart.
+    let kept = std::fs::read_to_string(&file).unwrap();
+    assert!(kept.ends_with(&good), "{kept}");
+    drop(proxy);
+    let proxy = Proxy::start_with(cfg).await;
+    assert_eq!(proxy.get("/index/go/ne/gone").await.status(), 404);
+    // An upstream that answered 404 by mistake (and has the crate again) brings it back.
+    up.publish("gone", "1.0.0", 10);
+    let r = proxy.get("/index/go/ne/gone").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), good);
+}
+
+#[tokio::test]
+async fn a_cached_file_from_the_future_is_revalidated_not_fresh_forever() {
+    let up = FakeUpstream::start().await;
+    up.publish("tardis", "1.0.0", 10);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    assert_eq!(proxy.get("/index/ta/rd/tardis").await.status(), 200);
+    drop(proxy);
+    let file = dir.path().join("index/sparse/ta/rd/tardis");
+    let future = std::time::SystemTime::now() + Duration::from_secs(86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(future)
+        .unwrap();
+    // A TTL of an hour: a copy confirmed "tomorrow" must still not count as fresh.
+    let proxy = Proxy::start(&up, dir.path()).await;
+    up.publish("tardis", "1.1.0", 10);
+    let r = proxy.get("/index/ta/rd/tardis").await;
+    assert_eq!(r.headers()["x-cratere-cache"], "miss");
+    assert!(r.text().await.unwrap().contains("1.1.0"));
+    assert_eq!(up.index_hits("tardis"), 2);
+}
+
+#[tokio::test]
+async fn a_torn_cached_index_file_is_never_served() {
+    let up = FakeUpstream::start().await;
+    up.publish("torn", "1.0.0", 10);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let good = proxy.get("/index/to/rn/torn").await.text().await.unwrap();
+    drop(proxy);
+    // Same length, one byte of the body changed (what a torn write or a bad disk leaves).
+    let file = dir.path().join("index/sparse/to/rn/torn");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x20;
+    std::fs::write(&file, &bytes).unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let r = proxy.get("/index/to/rn/torn").await;
+    assert_eq!(r.headers()["x-cratere-cache"], "miss");
+    assert_eq!(r.text().await.unwrap(), good);
+    assert_eq!(up.index_hits("torn"), 2);
 }
 
 #[tokio::test]

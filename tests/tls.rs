@@ -5,6 +5,7 @@ mod common;
 
 use common::cargo::{cargo, package_crates, publish_packaged, write, write_app_project};
 use common::{FakeUpstream, Proxy};
+use rustls::pki_types::pem::PemObject;
 
 struct Tls {
     cert: std::path::PathBuf,
@@ -255,4 +256,40 @@ async fn cargo_fetches_over_plain_http_with_h2c() {
     let up = FakeUpstream::start().await;
     let proxy = Proxy::start(&up, &work.path().join("data")).await;
     cargo_fetches_over_http2_only(work.path(), &up, &proxy, &proxy.url, "").await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_after_the_tls_handshake_is_disconnected() {
+    use tokio::io::AsyncReadExt;
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = self_signed(dir.path());
+    let mut cfg = Proxy::config(&up.url, &dir.path().join("data"));
+    cfg.server.tls_cert = Some(tls.cert.clone());
+    cfg.server.tls_key = Some(tls.key.clone());
+    cfg.server.header_read_timeout = std::time::Duration::from_millis(500);
+    let proxy = Proxy::start_with(cfg).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(tls.pem.as_bytes()).unwrap();
+    roots.add(der).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await.expect("handshake");
+    // Handshake done, and then nothing: the server must not hold the connection.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(read.is_ok(), "the server hung up");
 }
