@@ -133,7 +133,12 @@ pub struct Downloads {
     /// Every hit and every stored miss is recorded as a use (for cleanup).
     usage: Arc<Usage>,
     inflight: Arc<Mutex<HashMap<CrateKey, Arc<Flight>>>>,
+    /// Versions a revalidation of their index file did not list, for [`UNLISTED_TTL`].
+    unlisted: moka::sync::Cache<CrateKey, ()>,
 }
+
+/// How long a version upstream's index did not list is answered 404 without asking again.
+const UNLISTED_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Downloads {
     pub fn new(
@@ -152,6 +157,10 @@ impl Downloads {
             metrics,
             usage,
             inflight: Arc::default(),
+            unlisted: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(UNLISTED_TTL)
+                .build(),
         }
     }
 
@@ -437,7 +446,13 @@ impl Downloads {
         version: &Version,
     ) -> Result<(CrateName, String), DownloadError> {
         let key = IndexKey::Crate(requested.index_path());
+        let wanted = CrateKey::new(requested, version);
         for force in [false, true] {
+            // A version just looked for upstream and not found is not looked for again at
+            // once: clients asking for it over and over must not drive upstream traffic.
+            if force && self.unlisted.contains_key(&wanted) {
+                break;
+            }
             let res = self.index.get(&key, force).await;
             match res {
                 Ok(Some((entry, served))) => {
@@ -446,6 +461,9 @@ impl Downloads {
                     }
                     if matches!(served, crate::index_cache::Served::Stale(_)) {
                         break;
+                    }
+                    if force {
+                        self.unlisted.insert(wanted.clone(), ());
                     }
                 }
                 Ok(None) => {

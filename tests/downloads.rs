@@ -460,3 +460,23 @@ async fn a_client_that_disconnects_does_not_stop_the_download() {
         sha256_hex(&std::fs::read(&path).unwrap())
     );
 }
+
+#[tokio::test]
+async fn unlisted_versions_do_not_drive_upstream_traffic() {
+    let up = FakeUpstream::start().await;
+    up.publish("serde", "1.0.0", 100);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let r = proxy.get(&format!("{DL}/serde/9.9.9/download")).await;
+    assert_eq!(r.status(), 404);
+    // The first miss revalidates the index file once (the version may be new)...
+    assert_eq!(up.index_hits("serde"), 2);
+    // ...and clients asking again right away are answered without upstream.
+    for _ in 0..5 {
+        let r = proxy.get(&format!("{DL}/serde/9.9.9/download")).await;
+        assert_eq!(r.status(), 404);
+    }
+    assert_eq!(up.index_hits("serde"), 2);
+    let r = proxy.get(&format!("{DL}/serde/1.0.0/download")).await;
+    assert_eq!(r.status(), 200);
+}
