@@ -713,6 +713,28 @@ pub struct GitConfig {
     #[arg(long, env = "CRATERE_INDEX_UPDATE_SCHEDULE", default_value = "*/5 * * * *",
           value_parser = parse_schedule)]
     pub index_update_schedule: crate::jobs::Schedule,
+
+    /// Most `git http-backend` processes at once (each clone or fetch request runs one, with
+    /// its upload-pack and pack-objects); beyond it clients get 503 with Retry-After.
+    #[arg(long, env = "CRATERE_GIT_MAX_PROCESSES", default_value = "32",
+          value_parser = parse_nonzero)]
+    pub git_max_processes: usize,
+
+    /// Longest time a client may take to send a git-upload-pack request body.
+    #[arg(long, env = "CRATERE_GIT_BODY_TIMEOUT", default_value = "60s",
+          value_parser = parse_duration)]
+    pub git_body_timeout: Duration,
+
+    /// Longest time a client may leave the git answer (a pack) unread; then its git processes
+    /// are killed and their slot freed.
+    #[arg(long, env = "CRATERE_GIT_SEND_TIMEOUT", default_value = "60s",
+          value_parser = parse_duration)]
+    pub git_send_timeout: Duration,
+
+    /// Largest git-upload-pack request body accepted, as sent (a fetch's negotiation is
+    /// kilobytes; a clone of crates.io's index sends well under 1 MiB).
+    #[arg(long, env = "CRATERE_GIT_MAX_BODY", default_value = "16MiB", value_parser = parse_size)]
+    pub git_max_body: u64,
 }
 
 /// `cargo search` through the proxy.

@@ -913,3 +913,114 @@ async fn hosts_removed_from_the_configuration_lose_their_refs() {
         "refs/namespaces/alt%2Eexample%3A9000/refs/heads/master"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn git_processes_are_bounded_and_stalled_request_bodies_cut_off() {
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let up = FakeUpstream::start().await;
+    let upstream = Upstream::create(&work.join("upstream")).await;
+    let mut c = Proxy::config(&up.url, &work.join("data"));
+    c.git.git_index = true;
+    c.git.upstream_git = upstream.dir.to_str().unwrap().parse().unwrap();
+    c.git.index_update_schedule = YEARLY.parse().unwrap();
+    c.git.git_max_processes = 1;
+    c.git.git_body_timeout = Duration::from_secs(1);
+    let proxy = Proxy::start_with(c).await;
+    first_sync(&proxy).await;
+
+    // A request body that never ends holds the one process slot...
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    tx.send(Ok(pkt("want ").into_bytes())).await.unwrap();
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let url = format!("{}/crates.io-index/git-upload-pack", proxy.url);
+    let stalled = tokio::spawn(async move {
+        client()
+            .post(url)
+            .header("content-type", "application/x-git-upload-pack-request")
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+    });
+    let git = mirror(&proxy);
+    wait_until(|| !git.running_backends().is_empty(), "a running backend").await;
+    let refs = "/crates.io-index/info/refs?service=git-upload-pack";
+    let r = proxy.get(refs).await;
+    assert_eq!(r.status(), 503, "beyond CRATERE_GIT_MAX_PROCESSES");
+    assert!(r.headers().contains_key("retry-after"));
+    // ...until its body deadline passes: stdin is closed, git exits, the slot is free.
+    wait_until(
+        || git.running_backends().is_empty(),
+        "the stalled backend to exit",
+    )
+    .await;
+    common::wait_until_async(
+        || async { proxy.get(refs).await.status() == 200 },
+        "the slot to be free",
+    )
+    .await;
+    drop(tx);
+    let _ = stalled.await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_a_pack_loses_its_git_processes() {
+    use tokio::io::AsyncWriteExt;
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let up = FakeUpstream::start().await;
+    let upstream = Upstream::create(&work.join("upstream")).await;
+    // 24 MiB that do not compress: a pack far larger than the socket buffers.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let noise: Vec<u8> = (0..24u64 << 20)
+        .map(|_| {
+            // xorshift64: incompressible enough for zlib.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect();
+    std::fs::write(upstream.dir.join("noise.bin"), &noise).unwrap();
+    upstream.commit("noise").await;
+    let mut c = Proxy::config(&up.url, &work.join("data"));
+    c.git.git_index = true;
+    c.git.upstream_git = upstream.dir.to_str().unwrap().parse().unwrap();
+    c.git.index_update_schedule = YEARLY.parse().unwrap();
+    c.git.git_max_processes = 1;
+    c.git.git_send_timeout = Duration::from_secs(1);
+    let proxy = Proxy::start_with(c).await;
+    first_sync(&proxy).await;
+
+    let refs = "/crates.io-index/info/refs?service=git-upload-pack";
+    let adv = proxy.get(refs).await.text().await.unwrap();
+    let at = adv.find(" refs/heads/master").expect("master advertised");
+    let want = &adv[at - 40..at];
+    let body = format!("{}0000{}", pkt(&format!("want {want}\n")), pkt("done\n"));
+    // A clone that never reads its answer.
+    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST /crates.io-index/git-upload-pack HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/x-git-upload-pack-request\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    idle.write_all(head.as_bytes()).await.unwrap();
+    idle.write_all(body.as_bytes()).await.unwrap();
+    let git = mirror(&proxy);
+    wait_until(|| !git.running_backends().is_empty(), "a running backend").await;
+    let pid = git.running_backends()[0];
+    assert_eq!(proxy.get(refs).await.status(), 503, "its slot is taken");
+    // Past CRATERE_GIT_SEND_TIMEOUT with the pack unread: git is killed, the slot freed.
+    common::wait_until_async(
+        || async { proxy.get(refs).await.status() == 200 },
+        "the slot of the stalled clone to be freed",
+    )
+    .await;
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false);
+    assert!(!alive, "http-backend {pid} was killed");
+    drop(idle);
+}

@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,6 +85,13 @@ impl GitIndex {
                 "unsupported Content-Encoding `{encoding}` (gzip is)"
             )));
         }
+        let permit = self
+            .processes
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| GitError::Busy {
+                retry_after_secs: 5,
+            })?;
         let mut cmd = self.command(&req, encoding);
         let mut child = GitChild::spawn(&mut cmd)
             .map_err(|e| GitError::Backend(format!("starting git http-backend: {e}")))?;
@@ -95,7 +103,7 @@ impl GitIndex {
             self.backends.lock().unwrap().insert(pid);
         }
 
-        let pump = pump_body(req.body, &mut child);
+        let pump = pump_body(req.body, &mut child, self.body_timeout, self.max_body);
         log_stderr(&mut child);
 
         let stdout = child.child_mut().stdout.take().expect("piped");
@@ -106,9 +114,12 @@ impl GitIndex {
         let (status, headers) = parse_cgi_header(&head)
             .map_err(|e| GitError::Backend(format!("git http-backend: {e}")))?;
 
+        let reading = Arc::new(ClientReading::new(permit));
+        spawn_send_watchdog(&reading, child.id(), self.send_timeout);
         let state = BodyState {
             stdout,
             child,
+            reading,
             _tracked: tracked,
             _pump: pump.map(AbortOnDrop),
         };
@@ -166,24 +177,36 @@ impl GitIndex {
 }
 
 /// The request body → http-backend's stdin, in its own task (http-backend reads all of it
-/// before upload-pack answers); the handle aborts it with the response.
+/// before upload-pack answers); the handle aborts it with the response. A body that takes
+/// longer than `deadline` or is larger than `max` is cut off: stdin closes early, git reports
+/// a truncated request and exits, and its process slot is free again.
 fn pump_body(
     body: Option<BoxStream<'static, io::Result<Bytes>>>,
     child: &mut GitChild,
+    deadline: Duration,
+    max: u64,
 ) -> Option<tokio::task::AbortHandle> {
     let (mut body, mut stdin) = (body?, child.child_mut().stdin.take()?);
     let task = tokio::spawn(async move {
-        while let Some(chunk) = body.next().await {
-            let Ok(chunk) = chunk else {
-                // The client's request broke off: close stdin early; git reports a
-                // truncated request.
-                return;
-            };
-            if stdin.write_all(&chunk).await.is_err() {
-                return;
+        let copy = async {
+            let mut sent = 0u64;
+            while let Some(chunk) = body.next().await {
+                // The client's request broke off: close stdin early.
+                let Ok(chunk) = chunk else { return };
+                sent += chunk.len() as u64;
+                if sent > max {
+                    tracing::info!(max, "git request body too large; cut off");
+                    return;
+                }
+                if stdin.write_all(&chunk).await.is_err() {
+                    return;
+                }
             }
+            let _ = stdin.shutdown().await;
+        };
+        if tokio::time::timeout(deadline, copy).await.is_err() {
+            tracing::info!(?deadline, "git request body too slow; cut off");
         }
-        let _ = stdin.shutdown().await;
     });
     Some(task.abort_handle())
 }
@@ -208,8 +231,11 @@ fn log_stderr(child: &mut GitChild) {
 fn output(state: BodyState) -> BoxStream<'static, io::Result<Bytes>> {
     futures_util::stream::unfold(Some(state), |state| async move {
         let mut st = state?;
+        st.reading.polled();
         let mut buf = BytesMut::with_capacity(64 * 1024);
-        match st.stdout.read_buf(&mut buf).await {
+        let read = st.stdout.read_buf(&mut buf).await;
+        st.reading.yielded();
+        match read {
             Ok(0) => {
                 // End of output: reap http-backend (its upload-pack has exited too).
                 match tokio::time::timeout(Duration::from_secs(10), st.child.wait()).await {
@@ -249,7 +275,92 @@ struct BodyState {
     stdout: BufReader<ChildStdout>,
     child: GitChild,
     _tracked: Tracked,
+    /// Whether the client is taking the output; the watchdog kills git if it stops.
+    reading: Arc<ClientReading>,
     _pump: Option<AbortOnDrop>,
+}
+
+impl Drop for BodyState {
+    fn drop(&mut self) {
+        self.reading.ended.store(true, Ordering::SeqCst);
+        self.reading.release();
+    }
+}
+
+/// When the response body last handed the client a chunk and was not polled again since
+/// (`u64::MAX` while hyper is waiting on it: git is the slow one then, not the client).
+struct ClientReading {
+    base: tokio::time::Instant,
+    since_ms: AtomicU64,
+    ended: AtomicBool,
+    /// The process slot: freed when the response ends, or when the watchdog kills git.
+    permit: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl ClientReading {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit) -> ClientReading {
+        ClientReading {
+            base: tokio::time::Instant::now(),
+            since_ms: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
+            permit: Mutex::new(Some(permit)),
+        }
+    }
+
+    fn release(&self) {
+        drop(self.permit.lock().expect("lock poisoned").take());
+    }
+
+    fn polled(&self) {
+        self.since_ms.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    fn yielded(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.since_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// How long the client has left the last chunk untaken.
+    fn stalled_for(&self) -> Duration {
+        match self.since_ms.load(Ordering::SeqCst) {
+            u64::MAX => Duration::ZERO,
+            ms => self
+                .base
+                .elapsed()
+                .saturating_sub(Duration::from_millis(ms)),
+        }
+    }
+}
+
+/// Watches a response until it ends: if the client leaves the output unread for `timeout`
+/// (a clone whose pack nobody reads keeps pack-objects blocked on a full pipe), git's process
+/// group is killed and its slot freed at once.
+fn spawn_send_watchdog(reading: &Arc<ClientReading>, pid: Option<u32>, timeout: Duration) {
+    let reading = reading.clone();
+    tokio::spawn(async move {
+        let tick = (timeout / 4).max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(tick).await;
+            if reading.ended.load(Ordering::SeqCst) {
+                return;
+            }
+            if reading.stalled_for() >= timeout {
+                tracing::info!(
+                    ?timeout,
+                    "git client stopped reading; killing its git processes"
+                );
+                if let Some(pid) = pid {
+                    // SAFETY: kill(2) has no memory-safety preconditions. The group is the
+                    // backend's own (it is not reaped while the response holds it).
+                    unsafe {
+                        libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+                    }
+                }
+                reading.release();
+                return;
+            }
+        }
+    });
 }
 
 /// Reads the CGI header block (up to and including the empty line).

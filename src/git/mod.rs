@@ -147,6 +147,9 @@ pub enum GitError {
          use the sparse index at /index/ meanwhile"
     )]
     NotReady { retry_after_secs: u64 },
+    /// [`GitConfig::git_max_processes`] backends are running.
+    #[error("too many git requests at once (CRATERE_GIT_MAX_PROCESSES); try again shortly")]
+    Busy { retry_after_secs: u64 },
     #[error("bad request: {0}")]
     BadRequest(String),
     /// `git http-backend` could not be started or answered nonsense.
@@ -170,6 +173,13 @@ pub struct GitIndex {
     status: watch::Sender<SyncStatus>,
     /// Process ids of running `git http-backend`s.
     backends: Arc<Mutex<HashSet<u32>>>,
+    /// One permit per running backend (`CRATERE_GIT_MAX_PROCESSES`).
+    processes: Arc<tokio::sync::Semaphore>,
+    /// `CRATERE_GIT_BODY_TIMEOUT`, `CRATERE_GIT_MAX_BODY`.
+    body_timeout: Duration,
+    max_body: u64,
+    /// `CRATERE_GIT_SEND_TIMEOUT`.
+    send_timeout: Duration,
 }
 
 impl GitIndex {
@@ -189,6 +199,10 @@ impl GitIndex {
             sync_lock: tokio::sync::Mutex::new(None),
             status: watch::channel(SyncStatus::default()).0,
             backends: Arc::new(Mutex::new(HashSet::new())),
+            processes: Arc::new(tokio::sync::Semaphore::new(config.git_max_processes)),
+            body_timeout: config.git_body_timeout,
+            max_body: config.git_max_body,
+            send_timeout: config.git_send_timeout,
         }
     }
 

@@ -57,10 +57,12 @@ impl From<DownloadError> for AppError {
 impl From<GitError> for AppError {
     fn from(e: GitError) -> Self {
         match e {
-            GitError::NotReady { retry_after_secs } => AppError::Unavailable {
-                reason: e.to_string(),
-                retry_after_secs,
-            },
+            GitError::NotReady { retry_after_secs } | GitError::Busy { retry_after_secs } => {
+                AppError::Unavailable {
+                    reason: e.to_string(),
+                    retry_after_secs,
+                }
+            }
             GitError::BadRequest(m) => AppError::BadRequest(m),
             GitError::Backend(_) => AppError::Internal(e.into()),
         }
