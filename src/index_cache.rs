@@ -189,23 +189,32 @@ impl IndexCache {
             return Ok((!e.gone).then(|| (e.clone(), Served::Hit)));
         }
         let (store, upstream, k) = (self.store.clone(), self.upstream.clone(), key.clone());
-        let clock = self.clock.clone();
-        let (flight, joined) = self
-            .flights
-            .start_or_join(key.clone(), move || refresh(store, upstream, k, clock));
+        let (clock, memory) = (self.clock.clone(), self.memory.clone());
+        let (flight, joined) = self.flights.start_or_join(key.clone(), move || async move {
+            let res = refresh(store, upstream, k.clone(), clock).await;
+            // In the flight, so that it lands even when no client waited for the end.
+            match &res {
+                Ok(Refreshed::Found { entry, .. }) => memory.insert(k, entry.clone()),
+                Ok(Refreshed::NotFound(Some(tombstone))) => memory.insert(k, tombstone.clone()),
+                Ok(Refreshed::NotFound(None)) => memory.invalidate(&k),
+                Err(_) => {}
+            }
+            res
+        });
         if joined {
             self.metrics.coalesced(Kind::Index);
         }
-        let res = flight.await;
+        // With a copy to fall back on, a client waits at most one idle timeout for upstream
+        // (an upstream trickling bytes never trips the idle timeout itself); the revalidation
+        // goes on in the background and the next request finds its result.
+        let res = match &cached {
+            Some(_) => match tokio::time::timeout(self.upstream.idle_timeout(), flight).await {
+                Ok(res) => res,
+                Err(_) => Some(Err(UpstreamError::Timeout)),
+            },
+            None => flight.await,
+        };
         let res = res.unwrap_or_else(|| Err(UpstreamError::Body("internal task failed".into())));
-        match &res {
-            Ok(Refreshed::Found { entry, .. }) => self.memory.insert(key.clone(), entry.clone()),
-            Ok(Refreshed::NotFound(Some(tombstone))) => {
-                self.memory.insert(key.clone(), tombstone.clone())
-            }
-            Ok(Refreshed::NotFound(None)) => self.memory.invalidate(key),
-            Err(_) => {}
-        }
         match res {
             Ok(Refreshed::Found { entry, changed }) => {
                 let how = if changed || cached.is_none() {

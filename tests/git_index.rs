@@ -492,6 +492,30 @@ async fn each_host_gets_its_own_config_json_from_one_object_store() {
 }
 
 /// pkt-line framing.
+type Stalled = (
+    tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+);
+
+/// Starts an upload-pack POST whose body never ends (until the sender is dropped).
+async fn stalled_upload_pack(proxy: &Proxy) -> Stalled {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    tx.send(Ok(pkt("want ").into_bytes())).await.unwrap();
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let url = format!("{}/crates.io-index/git-upload-pack", proxy.url);
+    let request = tokio::spawn(async move {
+        client()
+            .post(url)
+            .header("content-type", "application/x-git-upload-pack-request")
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+    });
+    (tx, request)
+}
+
 fn pkt(s: &str) -> String {
     format!("{:04x}{s}", s.len() + 4)
 }
@@ -840,20 +864,7 @@ async fn a_client_that_goes_away_leaves_no_git_process_behind() {
     first_sync(&proxy).await;
 
     // A request body that never ends: http-backend waits for the rest of it.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    tx.send(Ok(pkt("want ").into_bytes())).await.unwrap();
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let url = format!("{}/crates.io-index/git-upload-pack", proxy.url);
-    let request = tokio::spawn(async move {
-        client()
-            .post(url)
-            .header("content-type", "application/x-git-upload-pack-request")
-            .body(reqwest::Body::wrap_stream(body))
-            .send()
-            .await
-    });
+    let (tx, request) = stalled_upload_pack(&proxy).await;
     let git = mirror(&proxy);
     wait_until(|| !git.running_backends().is_empty(), "a running backend").await;
     let pid = git.running_backends()[0];
@@ -930,20 +941,7 @@ async fn git_processes_are_bounded_and_stalled_request_bodies_cut_off() {
     first_sync(&proxy).await;
 
     // A request body that never ends holds the one process slot...
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    tx.send(Ok(pkt("want ").into_bytes())).await.unwrap();
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let url = format!("{}/crates.io-index/git-upload-pack", proxy.url);
-    let stalled = tokio::spawn(async move {
-        client()
-            .post(url)
-            .header("content-type", "application/x-git-upload-pack-request")
-            .body(reqwest::Body::wrap_stream(body))
-            .send()
-            .await
-    });
+    let (tx, stalled) = stalled_upload_pack(&proxy).await;
     let git = mirror(&proxy);
     wait_until(|| !git.running_backends().is_empty(), "a running backend").await;
     let refs = "/crates.io-index/info/refs?service=git-upload-pack";

@@ -453,3 +453,43 @@ async fn hot_index_files_are_served_from_memory() {
     let r = proxy.get("/index/co/ld/cold").await;
     assert_eq!(r.headers()["x-cratere-cache"], "miss");
 }
+
+#[tokio::test]
+async fn a_trickling_upstream_gets_the_stale_copy_within_one_idle_timeout() {
+    let up = FakeUpstream::start().await;
+    up.publish("drip", "1.0.0", 10);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.sparse.index_ttl = Duration::ZERO;
+    cfg.upstream.upstream_idle_timeout = Duration::from_millis(150);
+    let proxy = Proxy::start_with(cfg).await;
+    let good = proxy.get("/index/dr/ip/drip").await.text().await.unwrap();
+    // One byte every 10 ms: never idle for 150 ms, but the whole file takes seconds.
+    up.publish("drip", "1.1.0", 10);
+    up.set_fault(
+        Target::Index,
+        Fault::Trickle {
+            piece: 1,
+            pause: Duration::from_millis(10),
+        },
+    );
+    let started = std::time::Instant::now();
+    let r = proxy.get("/index/dr/ip/drip").await;
+    assert_eq!(r.headers()["x-cratere-cache"], "stale");
+    assert_eq!(r.text().await.unwrap(), good);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // The revalidation went on in the background; once it lands, the new file is served.
+    up.clear_faults();
+    common::wait_until_async(
+        || async {
+            let r = proxy.get("/index/dr/ip/drip").await;
+            r.text().await.unwrap().contains("1.1.0")
+        },
+        "the new file",
+    )
+    .await;
+}
