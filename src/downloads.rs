@@ -174,11 +174,15 @@ impl Downloads {
 
     /// A crate for a client: from the cache (a hit), or streamed from upstream while it is
     /// fetched. `zero_copy`: the client's connection can `sendfile` (see [`crate::sendfile`]).
+    /// `needs_length`: the client cannot tell an aborted body from a complete one unless it
+    /// is given a length (HTTP/1.0 has no chunked encoding: a body ends when the connection
+    /// closes), so a miss whose length upstream does not say is verified before it is sent.
     pub async fn get(
         self: &Arc<Self>,
         name: &CrateName,
         version: &Version,
         zero_copy: bool,
+        needs_length: bool,
     ) -> Result<Download, DownloadError> {
         let key = CrateKey::new(name, version);
         // Two rounds: if a fetch finds the file already cached (a race with another fetch
@@ -215,13 +219,30 @@ impl Downloads {
             let state = started
                 .map_err(|_| DownloadError::Internal("download task vanished"))?
                 .clone();
-            let total = match state {
+            let mut total = match state {
                 Progress::Starting => unreachable!(),
                 Progress::AlreadyCached => continue,
                 Progress::Failed(f) => return Err(f),
                 Progress::Streaming { total, .. } => total,
                 Progress::Verified { len } | Progress::Done { len } => Some(len),
             };
+            if total.is_none() && needs_length {
+                let end = rx
+                    .wait_for(|s| {
+                        matches!(
+                            s,
+                            Progress::Verified { .. } | Progress::Done { .. } | Progress::Failed(_)
+                        )
+                    })
+                    .await
+                    .map_err(|_| DownloadError::Internal("download task vanished"))?
+                    .clone();
+                match end {
+                    Progress::Failed(f) => return Err(f),
+                    Progress::Verified { len } | Progress::Done { len } => total = Some(len),
+                    _ => unreachable!(),
+                }
+            }
             return Ok(Download {
                 body: Box::pin(tail(flight.clone(), rx, total)),
                 len: total,

@@ -480,3 +480,52 @@ async fn unlisted_versions_do_not_drive_upstream_traffic() {
     let r = proxy.get(&format!("{DL}/serde/1.0.0/download")).await;
     assert_eq!(r.status(), 200);
 }
+
+/// A raw HTTP/1.0 request; the whole answer (the server closes the connection).
+async fn http10(proxy: &Proxy, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn an_http10_client_never_gets_a_bad_body_that_looks_complete() {
+    let up = FakeUpstream::start().await;
+    up.publish("chunky", "1.0.0", 50_000);
+    up.publish("fine", "1.0.0", 50_000);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    // Upstream sends a chunked body (no length) and cuts it off: HTTP/1.0 has no chunked
+    // encoding, so a body streamed as it came would end with the connection and look whole.
+    up.set_fault(Target::Crate, Fault::GateThenCut);
+    let p = Arc::new(proxy);
+    let q = p.clone();
+    let answer =
+        tokio::spawn(async move { http10(&q, &format!("{DL}/chunky/1.0.0/download")).await });
+    up.wait_for_hits("/dl/chunky/1.0.0/download", 1).await;
+    up.release();
+    let answer = answer.await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.0 502"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    let proxy = p;
+    up.clear_faults();
+    let answer = http10(&proxy, &format!("{DL}/fine/1.0.0/download")).await;
+    assert!(
+        answer.starts_with("HTTP/1.0 200"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("content-length: 50000")
+    );
+}

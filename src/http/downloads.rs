@@ -20,13 +20,19 @@ async fn download(
     State(st): State<AppState>,
     Path((krate, version)): Path<(String, String)>,
     plain: Option<Extension<crate::sendfile::Plain>>,
+    version_of_http: axum::http::Version,
 ) -> Result<Response, AppError> {
     let name: CrateName = krate.parse()?;
     let version: Version = version.parse()?;
     let d = st
         .core
         .downloads
-        .get(&name, &version, plain.is_some())
+        .get(
+            &name,
+            &version,
+            plain.is_some(),
+            version_of_http < axum::http::Version::HTTP_11,
+        )
         .await?;
     let outcome = if d.hit { Outcome::Hit } else { Outcome::Miss };
     st.core.metrics.cache(Kind::Crate, outcome);

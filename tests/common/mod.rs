@@ -38,6 +38,9 @@ pub enum Fault {
     Truncate,
     /// Chunked body cut off after the first half (no final chunk).
     TruncateChunked,
+    /// Chunked (no length): the first half at once, then after [`FakeUpstream::release`] one
+    /// more byte and the body is cut off.
+    GateThenCut,
     /// The right length, one byte flipped.
     Corrupt,
     /// Headers and the first half at once, the rest after [`FakeUpstream::release`].
@@ -416,6 +419,12 @@ async fn handle(State(st): State<Arc<UpState>>, req: Request) -> Response {
         Some(Fault::TruncateChunked) => {
             Response::new(parts_body(vec![body.slice(..half)], None, false, true))
         }
+        Some(Fault::GateThenCut) => Response::new(parts_body(
+            vec![body.slice(..half), body.slice(half..half + 1)],
+            Some(gate),
+            false,
+            true,
+        )),
         Some(Fault::Corrupt) => {
             let mut v = body.to_vec();
             v[half] ^= 0xff;
