@@ -268,26 +268,8 @@ async fn idle_connections_are_closed_http1_and_http2_alike() {
         .await
         .unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
-    let open = || async {
-        let text = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap()
-            .get(format!("{}/metrics", proxy.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix("cratere_connections_open ")?
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap()
-    };
+    // Proxy::metric asks on a fresh connection, closed once answered.
+    let open = || proxy.metric("cratere_connections_open ");
     assert!(open().await >= 2.0, "the HTTP/2 connection is open");
     common::wait_until_async(
         || async { open().await <= 1.0 },

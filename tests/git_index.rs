@@ -492,6 +492,24 @@ async fn each_host_gets_its_own_config_json_from_one_object_store() {
 }
 
 /// pkt-line framing.
+/// A proxy with the git index on, one git process slot, and `tweak` applied; synced once.
+async fn one_slot_git_proxy(
+    up: &FakeUpstream,
+    work: &Path,
+    upstream: &Upstream,
+    tweak: impl FnOnce(&mut cratere::config::GitConfig),
+) -> Proxy {
+    let mut c = Proxy::config(&up.url, &work.join("data"));
+    c.git.git_index = true;
+    c.git.upstream_git = upstream.dir.to_str().unwrap().parse().unwrap();
+    c.git.index_update_schedule = YEARLY.parse().unwrap();
+    c.git.git_max_processes = 1;
+    tweak(&mut c.git);
+    let proxy = Proxy::start_with(c).await;
+    first_sync(&proxy).await;
+    proxy
+}
+
 type Stalled = (
     tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
     tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
@@ -931,14 +949,10 @@ async fn git_processes_are_bounded_and_stalled_request_bodies_cut_off() {
     let work = work.path();
     let up = FakeUpstream::start().await;
     let upstream = Upstream::create(&work.join("upstream")).await;
-    let mut c = Proxy::config(&up.url, &work.join("data"));
-    c.git.git_index = true;
-    c.git.upstream_git = upstream.dir.to_str().unwrap().parse().unwrap();
-    c.git.index_update_schedule = YEARLY.parse().unwrap();
-    c.git.git_max_processes = 1;
-    c.git.git_body_timeout = Duration::from_secs(1);
-    let proxy = Proxy::start_with(c).await;
-    first_sync(&proxy).await;
+    let proxy = one_slot_git_proxy(&up, work, &upstream, |g| {
+        g.git_body_timeout = Duration::from_secs(1)
+    })
+    .await;
 
     // A request body that never ends holds the one process slot...
     let (tx, stalled) = stalled_upload_pack(&proxy).await;
@@ -983,14 +997,10 @@ async fn a_client_that_stops_reading_a_pack_loses_its_git_processes() {
         .collect();
     std::fs::write(upstream.dir.join("noise.bin"), &noise).unwrap();
     upstream.commit("noise").await;
-    let mut c = Proxy::config(&up.url, &work.join("data"));
-    c.git.git_index = true;
-    c.git.upstream_git = upstream.dir.to_str().unwrap().parse().unwrap();
-    c.git.index_update_schedule = YEARLY.parse().unwrap();
-    c.git.git_max_processes = 1;
-    c.git.git_send_timeout = Duration::from_secs(1);
-    let proxy = Proxy::start_with(c).await;
-    first_sync(&proxy).await;
+    let proxy = one_slot_git_proxy(&up, work, &upstream, |g| {
+        g.git_send_timeout = Duration::from_secs(1)
+    })
+    .await;
 
     let refs = "/crates.io-index/info/refs?service=git-upload-pack";
     let adv = proxy.get(refs).await.text().await.unwrap();
