@@ -122,6 +122,13 @@ struct GitGauges {
     last_ok: Gauge,
     attempts: Gauge,
     failures: Gauge,
+    limited: Family<LimitLabels, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    /// Which limit: busy, body_too_large, body_too_slow, client_stopped_reading.
+    limit: &'static str,
 }
 
 /// The last cache cleanup.
@@ -141,6 +148,8 @@ pub struct GitSyncFigures {
     pub last_ok: Option<bool>,
     pub attempts: u64,
     pub failures: u64,
+    /// Git requests refused or cut off since start, by limit ([`crate::git::LimitCounts`]).
+    pub limited: [(&'static str, u64); 4],
 }
 
 pub struct Metrics {
@@ -212,6 +221,11 @@ impl GitGauges {
             "git_sync_failures",
             "Failed git index sync attempts since start",
             gauges.failures.clone(),
+        );
+        registry.register(
+            "git_requests_limited",
+            "Git requests refused (busy) or cut off by a limit since start",
+            gauges.limited.clone(),
         );
         gauges
     }
@@ -554,6 +568,12 @@ impl Metrics {
         }
         self.git.attempts.set(f.attempts as i64);
         self.git.failures.set(f.failures as i64);
+        for (limit, n) in f.limited {
+            self.git
+                .limited
+                .get_or_create(&LimitLabels { limit })
+                .set(n as i64);
+        }
     }
 
     /// Records a finished cleanup: (crate files, crate bytes, index files, index bytes) removed.

@@ -1032,3 +1032,40 @@ async fn a_client_that_stops_reading_a_pack_loses_its_git_processes() {
     assert!(!alive, "http-backend {pid} was killed");
     drop(idle);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gzip_request_body_is_capped_after_inflation() {
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let up = FakeUpstream::start().await;
+    let upstream = Upstream::create(&work.join("upstream")).await;
+    let proxy = one_slot_git_proxy(&up, work, &upstream, |g| g.git_max_body = 1 << 20).await;
+
+    // 64 MiB of flush packets gzip to about 64 KiB: far below the cap before inflation.
+    let mut request = pkt("want 0000000000000000000000000000000000000000\n").into_bytes();
+    request.resize(64 << 20, b'0');
+    let bomb = gzip(&request);
+    assert!(bomb.len() < 1 << 20, "{} bytes of gzip", bomb.len());
+    let resp = client()
+        .post(format!("{}/crates.io-index/git-upload-pack", proxy.url))
+        .header("content-type", "application/x-git-upload-pack-request")
+        .header("content-encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .unwrap();
+    // http-backend has already answered 200; the body is cut at the inflated cap and git
+    // exits on a truncated request, sending no pack.
+    let body = resp.bytes().await.unwrap_or_default();
+    assert!(!body.windows(4).any(|w| w == b"PACK"));
+    let git = mirror(&proxy);
+    wait_until(|| git.running_backends().is_empty(), "git to exit").await;
+    let limited = r#"cratere_git_requests_limited{limit="body_too_large"}"#;
+    assert_eq!(proxy.metric(limited).await, 1.0);
+    assert_eq!(
+        proxy
+            .metric(r#"cratere_git_requests_limited{limit="body_too_slow"}"#)
+            .await,
+        0.0
+    );
+}

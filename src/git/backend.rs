@@ -1,24 +1,27 @@
 //! Git smart HTTP, driven through `git http-backend` (CGI): one process per request, run with
 //! the namespace of the host the client used. Protocol v0 (libgit2, cargo's default) and v2
 //! (the git CLI's `Git-Protocol: version=2`, passed on as `GIT_PROTOCOL`); gzip request
-//! bodies are inflated by http-backend. Request bodies stream into the process, its output
+//! bodies are inflated here, under the body cap. Request bodies stream into the process, its output
 //! streams out; dropping the response body (the client went away) kills the process group.
 //! The routes at `/crates.io-index` are in [`crate::http`]; nothing here knows the router.
 
 use std::collections::HashSet;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_compression::tokio::bufread::GzipDecoder;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{ChildStdout, Command};
+use tokio_util::io::StreamReader;
 
 use super::process::{GitChild, config_env};
-use super::{GitError, GitIndex};
+use super::{GitError, GitIndex, LimitCounts};
 
 /// Configuration of `git http-backend` and the upload-pack it runs.
 const SERVE_CONFIG: &[(&str, &str)] = &[
@@ -85,14 +88,14 @@ impl GitIndex {
                 "unsupported Content-Encoding `{encoding}` (gzip is)"
             )));
         }
-        let permit = self
-            .processes
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| GitError::Busy {
+        let permit = self.processes.clone().try_acquire_owned().map_err(|_| {
+            LimitCounts::hit(&self.limits.busy);
+            GitError::Busy {
                 retry_after_secs: 5,
-            })?;
-        let mut cmd = self.command(&req, encoding);
+            }
+        })?;
+        let gzip = matches!(encoding, "gzip" | "x-gzip");
+        let mut cmd = self.command(&req);
         let mut child = GitChild::spawn(&mut cmd)
             .map_err(|e| GitError::Backend(format!("starting git http-backend: {e}")))?;
         let tracked = Tracked {
@@ -103,7 +106,7 @@ impl GitIndex {
             self.backends.lock().unwrap().insert(pid);
         }
 
-        let pump = pump_body(req.body, &mut child, self.body_timeout, self.max_body);
+        let pump = pump_body(req.body, gzip, &mut child, self);
         log_stderr(&mut child);
 
         let stdout = child.child_mut().stdout.take().expect("piped");
@@ -115,7 +118,7 @@ impl GitIndex {
             .map_err(|e| GitError::Backend(format!("git http-backend: {e}")))?;
 
         let reading = Arc::new(ClientReading::new(permit));
-        spawn_send_watchdog(&reading, child.id(), self.send_timeout);
+        spawn_send_watchdog(&reading, child.id(), self);
         let state = BodyState {
             stdout,
             child,
@@ -131,7 +134,7 @@ impl GitIndex {
     }
 
     /// The `git http-backend` command for one request, in a clean environment.
-    fn command(&self, req: &CgiRequest<'_>, encoding: &str) -> Command {
+    fn command(&self, req: &CgiRequest<'_>) -> Command {
         let protocol = req
             .git_protocol
             .map(str::trim)
@@ -169,36 +172,55 @@ impl GitIndex {
             })
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        if !encoding.is_empty() && encoding != "identity" {
-            cmd.env("HTTP_CONTENT_ENCODING", encoding);
-        }
+        // No HTTP_CONTENT_ENCODING: a gzip body is inflated by `pump_body`, under the cap.
         cmd
     }
 }
 
 /// The request body → http-backend's stdin, in its own task (http-backend reads all of it
-/// before upload-pack answers); the handle aborts it with the response. A body that takes
-/// longer than `deadline` or is larger than `max` is cut off: stdin closes early, git reports
-/// a truncated request and exits, and its process slot is free again.
+/// before upload-pack answers); the handle aborts it with the response. A gzip body is
+/// inflated here, not by http-backend, so that `max` bounds what git reads after inflation
+/// (a few KiB of gzip can inflate to gigabytes). A body that takes longer than `deadline`
+/// or is larger than `max` is cut off: stdin closes early, git reports a truncated request
+/// and exits, and its process slot is free again.
 fn pump_body(
     body: Option<BoxStream<'static, io::Result<Bytes>>>,
+    gzip: bool,
     child: &mut GitChild,
-    deadline: Duration,
-    max: u64,
+    git: &GitIndex,
 ) -> Option<tokio::task::AbortHandle> {
-    let (mut body, mut stdin) = (body?, child.child_mut().stdin.take()?);
+    let (body, mut stdin) = (body?, child.child_mut().stdin.take()?);
+    let (deadline, max, limits) = (git.body_timeout, git.max_body, git.limits.clone());
+    let raw = StreamReader::new(body);
+    let mut body: Pin<Box<dyn AsyncRead + Send>> = if gzip {
+        let mut decoder = GzipDecoder::new(BufReader::new(raw));
+        decoder.multiple_members(true);
+        Box::pin(decoder)
+    } else {
+        Box::pin(raw)
+    };
     let task = tokio::spawn(async move {
         let copy = async {
+            let mut buf = vec![0u8; 64 * 1024];
             let mut sent = 0u64;
-            while let Some(chunk) = body.next().await {
-                // The client's request broke off: close stdin early.
-                let Ok(chunk) = chunk else { return };
-                sent += chunk.len() as u64;
+            loop {
+                // An error: the client's request broke off, or its gzip is corrupt. Either
+                // way stdin closes early and git sees a truncated request.
+                let n = match body.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::info!(error = %e, "git request body ended early");
+                        return;
+                    }
+                };
+                sent += n as u64;
                 if sent > max {
-                    tracing::info!(max, "git request body too large; cut off");
+                    tracing::info!(max, "git request body too large (after inflation); cut off");
+                    LimitCounts::hit(&limits.body_too_large);
                     return;
                 }
-                if stdin.write_all(&chunk).await.is_err() {
+                if stdin.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
             }
@@ -206,6 +228,7 @@ fn pump_body(
         };
         if tokio::time::timeout(deadline, copy).await.is_err() {
             tracing::info!(?deadline, "git request body too slow; cut off");
+            LimitCounts::hit(&limits.body_too_slow);
         }
     });
     Some(task.abort_handle())
@@ -335,8 +358,8 @@ impl ClientReading {
 /// Watches a response until it ends: if the client leaves the output unread for `timeout`
 /// (a clone whose pack nobody reads keeps pack-objects blocked on a full pipe), git's process
 /// group is killed and its slot freed at once.
-fn spawn_send_watchdog(reading: &Arc<ClientReading>, pid: Option<u32>, timeout: Duration) {
-    let reading = reading.clone();
+fn spawn_send_watchdog(reading: &Arc<ClientReading>, pid: Option<u32>, git: &GitIndex) {
+    let (reading, timeout, limits) = (reading.clone(), git.send_timeout, git.limits.clone());
     tokio::spawn(async move {
         let tick = (timeout / 4).max(Duration::from_millis(50));
         loop {
@@ -349,6 +372,7 @@ fn spawn_send_watchdog(reading: &Arc<ClientReading>, pid: Option<u32>, timeout: 
                     ?timeout,
                     "git client stopped reading; killing its git processes"
                 );
+                LimitCounts::hit(&limits.client_stopped_reading);
                 if let Some(pid) = pid {
                     // SAFETY: kill(2) has no memory-safety preconditions. The group is the
                     // backend's own (it is not reaped while the response holds it).

@@ -23,6 +23,7 @@ mod process;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -180,6 +181,38 @@ pub struct GitIndex {
     max_body: u64,
     /// `CRATERE_GIT_SEND_TIMEOUT`.
     send_timeout: Duration,
+    /// How often each of those limits ended a request.
+    limits: Arc<LimitCounts>,
+}
+
+/// How often a git request was refused or cut off, by limit (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct LimitCounts {
+    /// Refused with 503: `CRATERE_GIT_MAX_PROCESSES` backends were running.
+    pub busy: AtomicU64,
+    /// Request body cut off beyond `CRATERE_GIT_MAX_BODY` (counted after gzip inflation).
+    pub body_too_large: AtomicU64,
+    /// Request body cut off after `CRATERE_GIT_BODY_TIMEOUT`.
+    pub body_too_slow: AtomicU64,
+    /// git killed: the client left its answer unread for `CRATERE_GIT_SEND_TIMEOUT`.
+    pub client_stopped_reading: AtomicU64,
+}
+
+impl LimitCounts {
+    /// (label, count) of each limit.
+    pub fn snapshot(&self) -> [(&'static str, u64); 4] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("busy", get(&self.busy)),
+            ("body_too_large", get(&self.body_too_large)),
+            ("body_too_slow", get(&self.body_too_slow)),
+            ("client_stopped_reading", get(&self.client_stopped_reading)),
+        ]
+    }
+
+    pub(crate) fn hit(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl GitIndex {
@@ -203,6 +236,7 @@ impl GitIndex {
             body_timeout: config.git_body_timeout,
             max_body: config.git_max_body,
             send_timeout: config.git_send_timeout,
+            limits: Arc::default(),
         }
     }
 
@@ -236,6 +270,11 @@ impl GitIndex {
     /// Status updates (tests wait on these instead of sleeping).
     pub fn subscribe(&self) -> watch::Receiver<SyncStatus> {
         self.status.subscribe()
+    }
+
+    /// How often git requests met each limit since start.
+    pub fn limits(&self) -> &LimitCounts {
+        &self.limits
     }
 
     /// Process ids of the `git http-backend`s serving requests right now.

@@ -69,6 +69,7 @@ fn refresh_gauges(st: &AppState) {
             last_ok: s.last.as_ref().map(|r| r.result.is_ok()),
             attempts: s.attempts,
             failures: s.failures,
+            limited: git.limits().snapshot(),
         });
     }
     if let Some(r) = st.core.cleanup.last() {
