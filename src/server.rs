@@ -319,6 +319,8 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for PlainSer
 /// What a connection is doing, for its deadlines: requests seen, requests in progress (a
 /// response counts until its body has been sent or dropped), and since when it is idle.
 struct Activity {
+    /// Shared by the connection's requests (in their extensions).
+    scope: crate::http::Connection,
     seen: AtomicU64,
     in_flight: AtomicUsize,
     idle_since: std::sync::Mutex<tokio::time::Instant>,
@@ -327,6 +329,7 @@ struct Activity {
 impl Activity {
     fn new() -> Arc<Activity> {
         Arc::new(Activity {
+            scope: crate::http::Connection::new(),
             seen: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
@@ -391,7 +394,8 @@ where
         Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>,
     >;
 
-    fn call(&self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&self, mut req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.activity.scope.clone());
         let guard = InFlight::start(&self.activity);
         let fut = self.inner.call(req);
         Box::pin(async move {

@@ -517,6 +517,11 @@ type Stalled = (
 
 /// Starts an upload-pack POST whose body never ends (until the sender is dropped).
 async fn stalled_upload_pack(proxy: &Proxy) -> Stalled {
+    stalled_upload_pack_on(proxy, client()).await
+}
+
+/// [`stalled_upload_pack`] sent by `client`.
+async fn stalled_upload_pack_on(proxy: &Proxy, client: reqwest::Client) -> Stalled {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
     tx.send(Ok(pkt("want ").into_bytes())).await.unwrap();
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -524,7 +529,7 @@ async fn stalled_upload_pack(proxy: &Proxy) -> Stalled {
     });
     let url = format!("{}/crates.io-index/git-upload-pack", proxy.url);
     let request = tokio::spawn(async move {
-        client()
+        client
             .post(url)
             .header("content-type", "application/x-git-upload-pack-request")
             .body(reqwest::Body::wrap_stream(body))
@@ -1068,4 +1073,59 @@ async fn a_gzip_request_body_is_capped_after_inflation() {
             .await,
         0.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_http2_connection_cannot_take_every_git_process() {
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let up = FakeUpstream::start().await;
+    let upstream = Upstream::create(&work.join("upstream")).await;
+    let proxy = one_slot_git_proxy(&up, work, &upstream, |g| g.git_max_processes = 8).await;
+
+    // One HTTP/2 connection, its streams multiplexed: two stalled upload-packs hold two
+    // processes; its third git request is refused, though six process slots are free.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let first = stalled_upload_pack_on(&proxy, h2.clone()).await;
+    let second = stalled_upload_pack_on(&proxy, h2.clone()).await;
+    let git = mirror(&proxy);
+    wait_until(|| git.running_backends().len() == 2, "two running backends").await;
+    let refs = format!(
+        "{}/crates.io-index/info/refs?service=git-upload-pack",
+        proxy.url
+    );
+    let third = h2.get(&refs).send().await.unwrap();
+    assert_eq!(third.version(), reqwest::Version::HTTP_2);
+    assert_eq!(third.status(), 503, "{:?}", third.text().await);
+    // Non-git requests on the same connection, and git on another connection, go on.
+    let health = h2
+        .get(format!("{}/health", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(
+        proxy
+            .get("/crates.io-index/info/refs?service=git-upload-pack")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        proxy
+            .metric(r#"cratere_git_requests_limited{limit="busy"}"#)
+            .await,
+        1.0
+    );
+    // When one of its requests ends, the connection may send another.
+    drop(first);
+    common::wait_until_async(
+        || async { h2.get(&refs).send().await.unwrap().status() == 200 },
+        "a per-connection slot to be free",
+    )
+    .await;
+    drop(second);
 }

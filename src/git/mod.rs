@@ -277,6 +277,11 @@ impl GitIndex {
         &self.limits
     }
 
+    /// Counts a request refused for being one too many (here or per connection).
+    pub fn count_busy(&self) {
+        LimitCounts::hit(&self.limits.busy);
+    }
+
     /// Process ids of the `git http-backend`s serving requests right now.
     pub fn running_backends(&self) -> Vec<u32> {
         self.backends.lock().unwrap().iter().copied().collect()

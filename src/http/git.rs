@@ -5,13 +5,13 @@
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Extension, RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::Response;
 use axum::routing::{any, get, post};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 
-use super::{AppError, AppState, requested_host};
+use super::{AppError, AppState, Connection, GIT_REQUESTS_PER_CONNECTION, requested_host};
 use crate::git::GitIndex;
 use crate::git::backend::{CgiRequest, Service};
 
@@ -39,6 +39,7 @@ fn git_index(st: &AppState) -> Result<&GitIndex, AppError> {
 
 async fn info_refs(
     State(st): State<AppState>,
+    conn: Option<Extension<Connection>>,
     RawQuery(query): RawQuery,
     uri: Uri,
     headers: HeaderMap,
@@ -57,26 +58,42 @@ async fn info_refs(
             ));
         }
     }
-    serve(&st, Service::Advertisement, &uri, &headers, None).await
+    serve(&st, conn, Service::Advertisement, &uri, &headers, None).await
 }
 
 async fn upload_pack(
     State(st): State<AppState>,
+    conn: Option<Extension<Connection>>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, AppError> {
-    serve(&st, Service::UploadPack, &uri, &headers, Some(body)).await
+    serve(&st, conn, Service::UploadPack, &uri, &headers, Some(body)).await
 }
 
 async fn serve(
     st: &AppState,
+    conn: Option<Extension<Connection>>,
     service: Service,
     uri: &Uri,
     headers: &HeaderMap,
     body: Option<Body>,
 ) -> Result<Response, AppError> {
     let git = git_index(st)?;
+    // Held until the response body ends, like the process slot.
+    let per_connection = match conn {
+        Some(Extension(c)) => Some(c.git_requests.try_acquire_owned().map_err(|_| {
+            git.count_busy();
+            AppError::Unavailable {
+                reason: format!(
+                    "this connection already has {GIT_REQUESTS_PER_CONNECTION} git requests \
+                     in progress; try again shortly"
+                ),
+                retry_after_secs: 1,
+            }
+        })?),
+        None => None,
+    };
     let host = git.host(&st.hosts.base_url_for(requested_host(uri, headers)));
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let req = CgiRequest {
@@ -88,7 +105,11 @@ async fn serve(
         body: body.map(|b| Box::pin(b.into_data_stream().map_err(std::io::Error::other)) as _),
     };
     let answer = git.backend(req).await?;
-    let mut resp = Response::new(Body::from_stream(answer.body));
+    let body = answer.body.map(move |chunk| {
+        let _held = &per_connection;
+        chunk
+    });
+    let mut resp = Response::new(Body::from_stream(body));
     *resp.status_mut() = StatusCode::from_u16(answer.status)
         .map_err(|_| AppError::Internal(anyhow::anyhow!("git http-backend: bad status")))?;
     for (name, value) in answer.headers {

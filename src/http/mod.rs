@@ -35,6 +35,32 @@ use crate::search::Search;
 /// Response header saying how the cache answered: hit, miss, revalidated or stale.
 pub const CACHE_HEADER: &str = "x-cratere-cache";
 
+/// What the requests of one client connection share, put into each request's extensions by
+/// the server. Over HTTP/2 one connection can carry hundreds of streams at once; this keeps
+/// one of them from taking every git process.
+#[derive(Clone)]
+pub struct Connection {
+    git_requests: Arc<tokio::sync::Semaphore>,
+}
+
+/// Git requests one connection may have in progress at once. A git client sends one at a
+/// time; the second is headroom for a client that overlaps a retry.
+pub const GIT_REQUESTS_PER_CONNECTION: usize = 2;
+
+impl Connection {
+    pub fn new() -> Connection {
+        Connection {
+            git_requests: Arc::new(tokio::sync::Semaphore::new(GIT_REQUESTS_PER_CONNECTION)),
+        }
+    }
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Connection::new()
+    }
+}
+
 /// Everything handlers share: the [`Core`] and what only the server needs. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
