@@ -5,6 +5,7 @@
 //! ([`crate::http::AppState`]).
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +67,17 @@ pub struct Core {
     pub index: Arc<IndexCache>,
     pub downloads: Arc<Downloads>,
     pub clock: Arc<dyn Clock>,
+    readiness: Arc<Readiness>,
+}
+
+/// How long a readiness answer is reused: probes hit `/ready` every few seconds from every
+/// kubelet and load balancer, and each check is an fsync and (with S3) a bucket request.
+pub const READY_TTL: Duration = Duration::from_secs(2);
+
+/// The last readiness answer, and the lock that makes concurrent callers share one check.
+#[derive(Default)]
+struct Readiness {
+    last: tokio::sync::Mutex<Option<(SystemTime, Result<(), String>)>>,
 }
 
 impl Core {
@@ -106,7 +118,37 @@ impl Core {
             index,
             downloads,
             clock,
+            readiness: Arc::default(),
         })
+    }
+
+    /// Whether the stores accept writes and the bucket (with S3 storage) answers: `Err` says
+    /// which does not. Checked at most once per [`READY_TTL`] (by the injected clock);
+    /// callers in between, and callers waiting on a check, get its answer.
+    pub async fn ready(&self) -> Result<(), String> {
+        let mut last = self.readiness.last.lock().await;
+        let now = self.clock.now();
+        if let Some((at, answer)) = last.as_ref()
+            && now.duration_since(*at).is_ok_and(|age| age < READY_TTL)
+        {
+            return answer.clone();
+        }
+        self.metrics.count_ready_check();
+        let answer = self.check_stores().await;
+        *last = Some((now, answer.clone()));
+        answer
+    }
+
+    async fn check_stores(&self) -> Result<(), String> {
+        self.crates.check().await?;
+        let index = self.index.store().clone();
+        tokio::task::spawn_blocking(move || {
+            index
+                .check_writable()
+                .map_err(|e| format!("index cache (CRATERE_INDEX) not writable: {e}"))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
     }
 
     /// The background jobs of the core, each spawned by the feature that owns it: the health

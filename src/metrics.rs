@@ -163,6 +163,7 @@ pub struct Metrics {
     upstream_latency: Family<KindLabels, Histogram>,
     upstream_errors: Family<ErrorLabels, Counter>,
     downloads_in_flight: Gauge,
+    ready_checks: Counter,
     cache_files: Gauge,
     cache_bytes: Gauge,
     upstream_up: Gauge,
@@ -335,6 +336,12 @@ impl Metrics {
             "Crate downloads from upstream in progress",
             Gauge::default(),
         );
+        let ready_checks = register(
+            &mut registry,
+            "ready_checks",
+            "Readiness checks of the stores run (each /ready answer is reused for 2 s)",
+            Counter::default(),
+        );
         let cache_files = register(
             &mut registry,
             "cache_files",
@@ -370,6 +377,7 @@ impl Metrics {
             upstream_latency,
             upstream_errors,
             downloads_in_flight,
+            ready_checks,
             cache_files,
             cache_bytes,
             last_upstream_ok: AtomicI64::new(0),
@@ -379,6 +387,10 @@ impl Metrics {
             started: SystemTime::now(),
             scans: AtomicU64::new(0),
         }
+    }
+
+    pub fn count_ready_check(&self) {
+        self.ready_checks.inc();
     }
 
     /// The gauge of open client connections, which the server keeps.

@@ -91,20 +91,33 @@ async fn metrics_count_what_happened() {
 }
 
 #[tokio::test]
-async fn health_and_readiness() {
+async fn health_and_readiness_with_answers_reused_briefly() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start(&up, dir.path()).await;
+    let clock = std::sync::Arc::new(cratere::clock::FakeClock::new());
+    let proxy = Proxy::start_with_clock(Proxy::config(&up.url, dir.path()), clock.clone()).await;
     assert_eq!(proxy.get("/health").await.status(), 200);
-    let r = proxy.get("/ready").await;
-    assert_eq!(r.status(), 200);
+    // Probes in a burst, concurrent and one after another, share one check of the stores.
+    let burst = (0..20).map(|_| proxy.get("/ready"));
+    for r in futures_util::future::join_all(burst).await {
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(proxy.get("/ready").await.status(), 200);
+    assert_eq!(proxy.metric("cratere_ready_checks_total").await, 1.0);
     // Break the crate store: its temp directory becomes a file, so nothing can be written.
     let tmp = dir.path().join("crates/.tmp");
     std::fs::remove_dir_all(&tmp).unwrap();
     std::fs::write(&tmp, "not a directory").unwrap();
+    assert_eq!(
+        proxy.get("/ready").await.status(),
+        200,
+        "the answer is reused"
+    );
+    clock.advance(cratere::core::READY_TTL);
     let r = proxy.get("/ready").await;
-    assert_eq!(r.status(), 503);
+    assert_eq!(r.status(), 503, "checked again once the answer is old");
     assert!(r.text().await.unwrap().contains("CRATERE_CACHE"));
+    assert_eq!(proxy.metric("cratere_ready_checks_total").await, 2.0);
     assert_eq!(proxy.get("/health").await.status(), 200, "still alive");
 }
 

@@ -223,7 +223,8 @@ async fn hits_stream_from_the_bucket_and_a_failing_bucket_falls_back_to_upstream
     let up = FakeUpstream::start().await;
     let bytes = up.publish("hitme", "1.0.0", 300_000);
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start_with(s3_config(&s3, &up.url, dir.path())).await;
+    let clock = std::sync::Arc::new(cratere::clock::FakeClock::new());
+    let proxy = Proxy::start_with_clock(s3_config(&s3, &up.url, dir.path()), clock.clone()).await;
     let url = format!("{DL}/hitme/1.0.0/download");
     let r = proxy.get(&url).await;
     assert_eq!(r.headers()["x-cratere-cache"], "miss");
@@ -241,6 +242,7 @@ async fn hits_stream_from_the_bucket_and_a_failing_bucket_falls_back_to_upstream
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), bytes);
     assert_eq!(up.crate_hits("hitme", "1.0.0"), 2);
+    clock.advance(cratere::core::READY_TTL);
     let r = proxy.get("/ready").await;
     assert_eq!(r.status(), 503);
     assert!(r.text().await.unwrap().contains("s3://crates/"));

@@ -22,21 +22,10 @@ async fn health() -> &'static str {
 }
 
 /// Readiness: the configuration is loaded (it is, or we would not be running), both local
-/// directories accept writes, and the bucket (with S3 storage) answers.
+/// directories accept writes, and the bucket (with S3 storage) answers; each answer is
+/// reused for [`crate::core::READY_TTL`].
 async fn ready(State(st): State<AppState>) -> impl IntoResponse {
-    let index = st.core.index.store().clone();
-    let checked = async {
-        st.core.crates.check().await?;
-        tokio::task::spawn_blocking(move || {
-            index
-                .check_writable()
-                .map_err(|e| format!("index cache (CRATERE_INDEX) not writable: {e}"))
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()))
-    }
-    .await;
-    match checked {
+    match st.core.ready().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
     }
