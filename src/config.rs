@@ -664,6 +664,13 @@ pub struct UpstreamConfig {
           value_parser = parse_nonzero)]
     pub upstream_concurrency: usize,
 
+    /// Most crate fetches from upstream in progress or waiting for a slot at once (each
+    /// distinct crate file counts once, however many clients wait on it). A miss beyond it
+    /// answers 503 with Retry-After, which cargo retries.
+    #[arg(long, env = "CRATERE_MAX_DOWNLOADS", default_value = "1024",
+          value_parser = parse_nonzero)]
+    pub max_downloads: usize,
+
     /// Consecutive upstream failures (timeouts, refused connections, 5xx) after which
     /// upstream is considered down: requests are then answered from the cache at once, and a
     /// health probe checks upstream until it answers again.

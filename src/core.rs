@@ -106,6 +106,7 @@ impl Core {
             index.clone(),
             upstream.clone(),
             config.upstream.upstream_dl.clone(),
+            config.upstream.max_downloads,
             metrics.clone(),
             usage.clone(),
         ));

@@ -36,6 +36,9 @@ pub enum DownloadError {
     /// The crate store failed (a local disk error; a failing bucket falls back to upstream).
     #[error("crate store: {0}")]
     Store(String),
+    /// [`crate::config::UpstreamConfig::max_downloads`] fetches are running or queued.
+    #[error("too many crate downloads in progress (CRATERE_MAX_DOWNLOADS); try again shortly")]
+    Busy,
     #[error("{0}")]
     Internal(&'static str),
 }
@@ -76,9 +79,11 @@ enum Progress {
 
 struct Flight {
     state: watch::Sender<Progress>,
-    /// The temp file being written (none if it could not even be created). Readers use
-    /// positional reads on it, so they keep working after it has been renamed into the cache.
-    file: Option<Arc<std::fs::File>>,
+    /// The temp file being written, set once upstream has answered (a fetch that waits on
+    /// the index, a slot or upstream holds no descriptor); never set if it could not be
+    /// created. Readers use positional reads on it, so they keep working after it has been
+    /// renamed into the cache.
+    file: std::sync::OnceLock<Arc<std::fs::File>>,
     /// When the disk fills up mid-download, the rest of the body is kept here instead, so
     /// the clients still get the crate (it is then not cached).
     spill: Mutex<Option<Spill>>,
@@ -133,6 +138,8 @@ pub struct Downloads {
     /// Every hit and every stored miss is recorded as a use (for cleanup).
     usage: Arc<Usage>,
     inflight: Arc<Mutex<HashMap<CrateKey, Arc<Flight>>>>,
+    /// `CRATERE_MAX_DOWNLOADS`: the bound on `inflight`.
+    max_in_flight: usize,
     /// Versions a revalidation of their index file did not list, for [`UNLISTED_TTL`].
     unlisted: moka::sync::Cache<CrateKey, ()>,
 }
@@ -146,10 +153,12 @@ impl Downloads {
         index: Arc<IndexCache>,
         upstream: Upstream,
         dl_override: Option<String>,
+        max_in_flight: usize,
         metrics: Arc<Metrics>,
         usage: Arc<Usage>,
     ) -> Downloads {
         Downloads {
+            max_in_flight,
             store,
             index,
             upstream,
@@ -306,26 +315,21 @@ impl Downloads {
             self.metrics.coalesced(Kind::Crate);
             return Ok(f.clone());
         }
-        let tmp = match self.store.temp_file() {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot create a temp file; this download will not be cached");
-                None
-            }
-        };
-        let file = tmp
-            .as_ref()
-            .and_then(|t| t.as_file().try_clone().ok())
-            .map(Arc::new);
+        if map.len() >= self.max_in_flight {
+            return Err(DownloadError::Busy);
+        }
         let (state, _) = watch::channel(Progress::Starting);
-        let spill = Mutex::new(file.is_none().then(Spill::default));
-        let flight = Arc::new(Flight { state, file, spill });
+        let flight = Arc::new(Flight {
+            state,
+            file: std::sync::OnceLock::new(),
+            spill: Mutex::new(None),
+        });
         map.insert(key.clone(), flight.clone());
         let this = self.clone();
         let (k, f, requested) = (key.clone(), flight.clone(), requested.clone());
         self.metrics.download_started();
         tokio::spawn(async move {
-            let end = this.fetch(&k, &requested, tmp, &f).await;
+            let end = this.fetch(&k, &requested, &f).await;
             this.metrics.download_ended();
             match &end {
                 Err(fail) => {
@@ -350,7 +354,6 @@ impl Downloads {
         &self,
         key: &CrateKey,
         requested: &CrateName,
-        tmp: Option<tempfile::NamedTempFile>,
         flight: &Flight,
     ) -> Result<Progress, DownloadError> {
         let rel = key.as_relative();
@@ -367,6 +370,7 @@ impl Downloads {
                 key.version()
             )));
         };
+        let tmp = self.temp_file(flight).await;
         let (written, hasher, writer) = self.receive(&mut body, tmp, flight, &rel).await?;
         let got = hex::encode(hasher.finalize());
         if got != cksum {
@@ -391,6 +395,31 @@ impl Downloads {
             }
         }
         Ok(Progress::Done { len: written })
+    }
+
+    /// The temp file a fetch writes to, shared with the flight's readers; `None` (the
+    /// download is then served from memory, not cached) if it cannot be created.
+    async fn temp_file(&self, flight: &Flight) -> Option<tempfile::NamedTempFile> {
+        let store = self.store.clone();
+        let created = tokio::task::spawn_blocking(move || {
+            let tmp = store.temp_file()?;
+            let shared = tmp.as_file().try_clone()?;
+            Ok::<_, std::io::Error>((tmp, shared))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match created {
+            Ok((tmp, shared)) => {
+                let _ = flight.file.set(Arc::new(shared));
+                Some(tmp)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create a temp file; this download will not be cached");
+                *flight.spill.lock().expect("lock poisoned") = Some(Spill::default());
+                None
+            }
+        }
     }
 
     /// Streams an upstream body into the temp file (or, once the disk fails, into the
@@ -632,7 +661,8 @@ async fn read_at(flight: &Arc<Flight>, pos: u64, max: u64) -> std::io::Result<By
     let n = max.min(disk_len - pos) as usize;
     let file = flight
         .file
-        .clone()
+        .get()
+        .cloned()
         .ok_or_else(|| std::io::Error::other("no temp file"))?;
     let buf = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; n];

@@ -529,3 +529,51 @@ async fn an_http10_client_never_gets_a_bad_body_that_looks_complete() {
             .contains("content-length: 50000")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downloads_in_flight_are_bounded_and_hold_no_temp_file_before_upstream_answers() {
+    let up = FakeUpstream::start().await;
+    let a = up.publish("alpha", "1.0.0", 50_000);
+    let b = up.publish("beta", "1.0.0", 50_000);
+    let c = up.publish("gamma", "1.0.0", 50_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.upstream.max_downloads = 2;
+    let proxy = Arc::new(Proxy::start_with(cfg).await);
+    // Index files first, so that only the crate fetches wait.
+    for name in ["alpha", "beta", "gamma"] {
+        let path = format!("/index/{}", common::index_path(name));
+        assert_eq!(proxy.get(&path).await.status(), 200);
+    }
+    up.set_fault(Target::Crate, Fault::GateAll);
+    let get = |name: &'static str| {
+        let proxy = proxy.clone();
+        tokio::spawn(async move { proxy.get(&format!("{DL}/{name}/1.0.0/download")).await })
+    };
+    let (first, second) = (get("alpha"), get("beta"));
+    up.wait_for_hits("/dl/alpha/1.0.0/download", 1).await;
+    up.wait_for_hits("/dl/beta/1.0.0/download", 1).await;
+    // Both wait on upstream's headers: neither holds a temp file yet.
+    let temps = std::fs::read_dir(dir.path().join("crates/.tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(temps, 0, "no temp file before upstream answers");
+    // A third distinct crate is one too many; a second client of `alpha` joins its fetch.
+    let r = proxy.get(&format!("{DL}/gamma/1.0.0/download")).await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(r.text().await.unwrap().contains("CRATERE_MAX_DOWNLOADS"));
+    let joined = get("alpha");
+    up.release();
+    for (req, bytes) in [(first, &a), (second, &b), (joined, &a)] {
+        let r = req.await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(&body_of(r).await.unwrap(), bytes);
+    }
+    assert_eq!(up.crate_hits("alpha", "1.0.0"), 1);
+    // Once they are done there is room again.
+    up.clear_faults();
+    let r = proxy.get(&format!("{DL}/gamma/1.0.0/download")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(body_of(r).await.unwrap(), c);
+}

@@ -47,6 +47,10 @@ impl From<DownloadError> for AppError {
             DownloadError::NotFound(m) => AppError::NotFound(m),
             DownloadError::Upstream(e) => AppError::Upstream(e),
             DownloadError::Checksum => AppError::ChecksumMismatch,
+            DownloadError::Busy => AppError::Unavailable {
+                reason: e.to_string(),
+                retry_after_secs: 1,
+            },
             e @ (DownloadError::Store(_) | DownloadError::Internal(_)) => {
                 AppError::Internal(e.into())
             }
