@@ -549,6 +549,12 @@ pub struct ServerConfig {
           value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// Most client connections open at once; beyond it new connections wait in the listen
+    /// backlog until one closes [default: derived from the open-file limit, see
+    /// docs/RELIABILITY.md].
+    #[arg(long, env = "CRATERE_MAX_CONNECTIONS", value_parser = parse_nonzero)]
+    pub max_connections: Option<usize>,
+
     /// Longest time to produce a response's headers (504 after that); bodies then stream for
     /// as long as they need.
     #[arg(long, env = "CRATERE_REQUEST_TIMEOUT", default_value = "60s",

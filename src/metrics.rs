@@ -155,6 +155,7 @@ pub struct GitSyncFigures {
 pub struct Metrics {
     registry: Registry,
     connections_open: Gauge,
+    connections_max: Gauge,
     cache: Family<CacheLabels, Counter>,
     coalesced: Family<KindLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
@@ -299,6 +300,12 @@ impl Metrics {
             "Client connections open now (an h2c upgrade counts as a second one)",
             Gauge::default(),
         );
+        let connections_max = register(
+            &mut registry,
+            "connections_max",
+            "The connection limit (CRATERE_MAX_CONNECTIONS, or derived from the open-file limit)",
+            Gauge::default(),
+        );
         registry.register(
             "sendfile_bytes",
             "Body bytes sent with sendfile(2), straight from the page cache (process-wide)",
@@ -366,6 +373,7 @@ impl Metrics {
         Metrics {
             registry,
             connections_open,
+            connections_max,
             upstream_up,
             git,
             cleanup,
@@ -391,6 +399,10 @@ impl Metrics {
 
     pub fn count_ready_check(&self) {
         self.ready_checks.inc();
+    }
+
+    pub fn set_connections_max(&self, n: usize) {
+        self.connections_max.set(n as i64);
     }
 
     /// The gauge of open client connections, which the server keeps.

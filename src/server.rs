@@ -43,6 +43,14 @@ pub async fn run(
         idle_timeout: config.idle_timeout,
         open: state.core.metrics.connections_gauge(),
     };
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(|| derived_connection_limit(&state.config));
+    tracing::info!(
+        max_connections,
+        "connection limit (CRATERE_MAX_CONNECTIONS; beyond it new connections wait in the backlog)"
+    );
+    state.core.metrics.set_connections_max(max_connections);
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
         _ => None,
@@ -50,8 +58,11 @@ pub async fn run(
     serve(
         listener,
         router(state),
-        limits,
-        tls,
+        Listener {
+            limits,
+            tls,
+            max_connections,
+        },
         shutdown.clone(),
         config.shutdown_grace,
     )
@@ -60,6 +71,42 @@ pub async fn run(
     jobs.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Descriptors kept aside from connections: the listener, logs, the index and usage files, and
+/// slack for whatever else a request opens.
+const RESERVED_FDS: u64 = 256;
+
+/// The default connection limit, from the open-file limit (already raised to its hard limit
+/// by `serve`): what is left after the reserve, the upstream connections with the temp files
+/// of their downloads (three each) and the git backends' pipes (four each), halved, so that
+/// each connection can also have one file open while it is sent.
+pub fn derived_connection_limit(config: &crate::config::Config) -> usize {
+    let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    connection_budget(
+        nofile,
+        config.upstream.upstream_concurrency as u64,
+        config.git.git_max_processes as u64,
+    )
+}
+
+/// [`derived_connection_limit`] for an open-file limit; at least 16.
+pub fn connection_budget(nofile: u64, upstream_concurrency: u64, git_processes: u64) -> usize {
+    let reserved = RESERVED_FDS + 3 * upstream_concurrency + 4 * git_processes;
+    (nofile.saturating_sub(reserved) / 2).clamp(16, usize::MAX as u64) as usize
+}
+
+/// A connection's place under the connection limit, held by everything serving it (an h2c
+/// upgrade carries it on).
+type Slot = Arc<tokio::sync::OwnedSemaphorePermit>;
+
+/// How the listener takes connections: their limits, TLS, and how many may be open at once.
+struct Listener {
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    max_connections: usize,
 }
 
 /// TLS for the listener: certificate chain and key from PEM files, ALPN `h2` and `http/1.1`
@@ -138,6 +185,7 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// HTTP/2.
 fn serve_plain(
     stream: TcpStream,
+    slot: Slot,
     app: &Router,
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
@@ -152,6 +200,7 @@ fn serve_plain(
             preface_timeout: limits.header_read_timeout,
             max_header_list: limits.max_header_bytes,
             limits: limits.clone(),
+            slot: slot.clone(),
         }),
     };
     let activity = Activity::new();
@@ -161,13 +210,14 @@ fn serve_plain(
         .serve_connection_with_upgrades(io, service)
         .into_owned();
     let conn = graceful.watch(conn);
-    tokio::spawn(with_deadlines(conn, activity, limits.clone()));
+    tokio::spawn(with_deadlines(conn, activity, limits.clone(), slot));
 }
 
 /// One TLS connection: the handshake within the head-read timeout, then HTTP/1.1 or HTTP/2
 /// as ALPN chose.
 fn serve_tls(
     stream: TcpStream,
+    slot: Slot,
     app: &Router,
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
@@ -192,22 +242,43 @@ fn serve_tls(
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(tls), service)
             .into_owned();
-        with_deadlines(watcher.watch(conn), activity, limits).await;
+        with_deadlines(watcher.watch(conn), activity, limits, slot).await;
     });
 }
 
 /// Serves `app` until `shutdown`; then waits up to `grace` for open connections to finish.
+/// At the connection limit it stops accepting until a connection closes: new clients wait in
+/// the kernel's listen backlog, and the descriptors of the open ones stay usable.
 async fn serve(
     listener: TcpListener,
     app: Router,
-    limits: Limits,
-    tls: Option<TlsAcceptor>,
+    on: Listener,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
+    let Listener {
+        limits,
+        tls,
+        max_connections,
+    } = on;
     let builder = connection_builder(&limits);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                tracing::warn!(
+                    max_connections,
+                    "connection limit reached; new connections wait until one closes"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+                }
+            }
+        };
+        let slot = Arc::new(slot);
         let (stream, _peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -222,8 +293,8 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         match &tls {
-            None => serve_plain(stream, &app, &builder, &graceful, &limits),
-            Some(acceptor) => serve_tls(stream, &app, &builder, &graceful, &limits, acceptor),
+            None => serve_plain(stream, slot, &app, &builder, &graceful, &limits),
+            Some(acceptor) => serve_tls(stream, slot, &app, &builder, &graceful, &limits, acceptor),
         }
     }
     drop(listener);
@@ -246,6 +317,7 @@ struct UpgradeCtx {
     /// The HTTP/2 server's header list limit (the upgraded request must fit it).
     max_header_list: usize,
     limits: Limits,
+    slot: Slot,
 }
 
 /// The service of a plain HTTP connection: the router, plus the h2c upgrade.
@@ -302,7 +374,8 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for PlainSer
                 let activity = Activity::new();
                 let service = Tracked::new(TowerToHyperService::new(ctx.app.clone()), &activity);
                 let conn = ctx.builder.serve_connection(io, service).into_owned();
-                with_deadlines(watcher.watch(conn), activity, ctx.limits.clone()).await;
+                let slot = ctx.slot.clone();
+                with_deadlines(watcher.watch(conn), activity, ctx.limits.clone(), slot).await;
             });
             return Either::Left(std::future::ready(Ok(crate::h2c::switching_protocols())));
         }
@@ -437,8 +510,9 @@ impl<B: http_body::Body + Unpin> http_body::Body for TrackedBody<B> {
 /// Runs a connection until it ends, or until it breaks a deadline: no complete first
 /// request within `header_read_timeout` of the accept (a client that sends nothing, half an
 /// HTTP/2 preface, or nothing after its TLS handshake), or no request in progress for
-/// `idle_timeout`. Dropping the connection closes it.
-async fn with_deadlines<C, E>(conn: C, activity: Arc<Activity>, limits: Limits)
+/// `idle_timeout`. Dropping the connection closes it, and its `slot` under the connection
+/// limit is free once nothing else serving it holds it.
+async fn with_deadlines<C, E>(conn: C, activity: Arc<Activity>, limits: Limits, _slot: Slot)
 where
     C: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
@@ -478,4 +552,18 @@ where
         _ = watchdog => {}
     }
     limits.open.dec();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_budget;
+
+    #[test]
+    fn the_connection_budget_leaves_room_for_files_and_upstream() {
+        // A container's usual hard limit, the defaults (64 upstream, 32 git).
+        assert_eq!(connection_budget(1_048_576, 64, 32), (1_048_576 - 576) / 2);
+        // A small limit still leaves a usable minimum.
+        assert_eq!(connection_budget(1024, 64, 32), 224);
+        assert_eq!(connection_budget(256, 64, 32), 16);
+    }
 }

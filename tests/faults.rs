@@ -292,3 +292,42 @@ async fn idle_connections_are_closed_http1_and_http2_alike() {
         .unwrap();
     assert_eq!(r.bytes().await.unwrap().len(), 64 * 1024);
 }
+
+/// Sends `GET /health` on a keep-alive connection and reads the answer's head.
+async fn health_on(stream: &mut tokio::net::TcpStream) -> String {
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = stream.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn beyond_the_connection_limit_new_connections_wait_for_a_free_slot() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.server.max_connections = Some(2);
+    let proxy = Proxy::start_with(cfg).await;
+    let mut a = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut b = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(health_on(&mut a).await.starts_with("HTTP/1.1 200"));
+    assert!(health_on(&mut b).await.starts_with("HTTP/1.1 200"));
+    // A third client connects (the kernel's backlog takes it) but is not served...
+    let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let waited = tokio::time::timeout(Duration::from_millis(300), c.read(&mut buf)).await;
+    assert!(waited.is_err(), "served beyond the limit: {waited:?}");
+    // ...until one of the two closes; the open ones keep working meanwhile.
+    assert!(health_on(&mut b).await.starts_with("HTTP/1.1 200"));
+    drop(a);
+    let n = c.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let metrics = proxy.state.core.metrics.encode();
+    assert!(metrics.contains("cratere_connections_max 2"), "{metrics}");
+}
