@@ -509,8 +509,10 @@ impl Downloads {
                     if let Some(found) = find_version(&entry.body, requested, version) {
                         return Ok(found);
                     }
-                    if matches!(served, crate::index_cache::Served::Stale(_)) {
-                        break;
+                    // Upstream could not be asked: the version may exist there. A 404 would
+                    // be final for cargo; the upstream error is retried.
+                    if let crate::index_cache::Served::Stale(e) = served {
+                        return Err(DownloadError::Upstream(e));
                     }
                     if force {
                         self.unlisted.insert(wanted.clone(), ());

@@ -78,9 +78,10 @@ pub async fn run(
 const RESERVED_FDS: u64 = 256;
 
 /// The default connection limit, from the open-file limit (already raised to its hard limit
-/// by `serve`): what is left after the reserve, the upstream connections with the temp files
-/// of their downloads (three each) and the git backends' pipes (four each), halved, so that
-/// each connection can also have one file open while it is sent.
+/// by `serve`): what is left after the reserve, the hot files kept open for `sendfile`
+/// ([`crate::sendfile::HOT_FILES`]), the upstream connections with the temp files of their
+/// downloads (three each) and the git backends' pipes (four each), halved, so that each
+/// connection can also have one file open while it is sent.
 pub fn derived_connection_limit(config: &crate::config::Config) -> usize {
     let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE)
         .map(|(soft, _)| soft)
@@ -94,7 +95,8 @@ pub fn derived_connection_limit(config: &crate::config::Config) -> usize {
 
 /// [`derived_connection_limit`] for an open-file limit; at least 16.
 pub fn connection_budget(nofile: u64, upstream_concurrency: u64, git_processes: u64) -> usize {
-    let reserved = RESERVED_FDS + 3 * upstream_concurrency + 4 * git_processes;
+    let reserved =
+        RESERVED_FDS + crate::sendfile::HOT_FILES + 3 * upstream_concurrency + 4 * git_processes;
     (nofile.saturating_sub(reserved) / 2).clamp(16, usize::MAX as u64) as usize
 }
 
@@ -561,9 +563,9 @@ mod tests {
     #[test]
     fn the_connection_budget_leaves_room_for_files_and_upstream() {
         // A container's usual hard limit, the defaults (64 upstream, 32 git).
-        assert_eq!(connection_budget(1_048_576, 64, 32), (1_048_576 - 576) / 2);
+        assert_eq!(connection_budget(1_048_576, 64, 32), (1_048_576 - 1600) / 2);
+        assert_eq!(connection_budget(4096, 64, 32), 1248);
         // A small limit still leaves a usable minimum.
-        assert_eq!(connection_budget(1024, 64, 32), 224);
-        assert_eq!(connection_budget(256, 64, 32), 16);
+        assert_eq!(connection_budget(1024, 64, 32), 16);
     }
 }

@@ -19,8 +19,11 @@ use crate::jobs::{FirstRun, spawn_scheduled};
 use crate::metrics::{Kind, Metrics};
 use crate::names::{CrateName, Version};
 
-/// Largest index file accepted from upstream. The biggest crates.io index files are a few MB.
-pub const MAX_INDEX_FILE: usize = 64 << 20;
+/// Largest index file accepted from upstream: ten times crates.io's biggest (aws-sdk-ec2,
+/// 1.6 MB in December 2026). Index bodies are held whole while they are fetched (they are
+/// checked whole before they are cached or sent), so this, times the one flight per file and
+/// `CRATERE_UPSTREAM_CONCURRENCY`, bounds their memory.
+pub const MAX_INDEX_FILE: usize = 16 << 20;
 
 pub const USER_AGENT: &str = concat!(
     "cratere/",

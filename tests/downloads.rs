@@ -577,3 +577,23 @@ async fn downloads_in_flight_are_bounded_and_hold_no_temp_file_before_upstream_a
     assert_eq!(r.status(), 200);
     assert_eq!(body_of(r).await.unwrap(), c);
 }
+
+#[tokio::test]
+async fn a_version_missing_from_a_stale_index_is_an_upstream_error_not_a_404() {
+    let up = FakeUpstream::start().await;
+    up.publish("fresh", "1.0.0", 1_000);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&up, dir.path()).await;
+    let r = proxy.get(&format!("{DL}/fresh/1.0.0/download")).await;
+    assert_eq!(r.status(), 200);
+    // 1.0.1 is published while the index upstream fails: the cached file cannot be
+    // revalidated, so nobody knows whether 1.0.1 exists. A 404 would be final for cargo.
+    let newer = up.publish("fresh", "1.0.1", 1_000);
+    up.set_fault(Target::Index, Fault::Status(503));
+    let r = proxy.get(&format!("{DL}/fresh/1.0.1/download")).await;
+    assert!(r.status().is_server_error(), "{}", r.status());
+    up.clear_faults();
+    let r = proxy.get(&format!("{DL}/fresh/1.0.1/download")).await;
+    assert_eq!(r.status(), 200, "not remembered as unlisted");
+    assert_eq!(body_of(r).await.unwrap(), newer);
+}
