@@ -207,15 +207,16 @@ impl Breaker {
         self.lock().open_until.is_some_and(|t| Instant::now() >= t)
     }
 
-    fn check(&self) -> Result<(), UpstreamError> {
+    /// Whether a request may go upstream now: `Ok(true)` when it is the half-open trial.
+    fn check(&self) -> Result<bool, UpstreamError> {
         let mut st = self.lock();
         match st.open_until {
-            None => Ok(()),
+            None => Ok(false),
             // Half-open: this request is the probe; the others keep failing at once until
             // it succeeds (closing the breaker) or fails (doubling the wait).
             Some(t) if self.trial && Instant::now() >= t => {
                 st.open_until = Some(Instant::now() + st.wait.max(self.backoff));
-                Ok(())
+                Ok(true)
             }
             Some(_) => Err(UpstreamError::Down),
         }
@@ -346,10 +347,14 @@ impl Upstream {
 
     /// A slot for a request to `kind`'s upstream: the breaker is checked before the wait and
     /// again after it, so requests queued while upstream went down do not each wait for it.
+    /// The half-open trial is not re-checked: its own admission moved the next probe time
+    /// ahead, and a re-check would refuse it, leaving the breaker open for good.
     async fn slot(&self, kind: Kind) -> Result<OwnedSemaphorePermit, UpstreamError> {
-        self.breaker_of(kind).check()?;
+        let trial = self.breaker_of(kind).check()?;
         let permit = self.permit().await;
-        self.breaker_of(kind).check()?;
+        if !trial {
+            self.breaker_of(kind).check()?;
+        }
         Ok(permit)
     }
 

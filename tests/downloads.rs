@@ -597,3 +597,43 @@ async fn a_version_missing_from_a_stale_index_is_an_upstream_error_not_a_404() {
     assert_eq!(r.status(), 200, "not remembered as unlisted");
     assert_eq!(body_of(r).await.unwrap(), newer);
 }
+
+#[tokio::test]
+async fn a_download_host_marked_down_comes_back_through_one_trial_download() {
+    let up = FakeUpstream::start().await;
+    let names = ["one", "two", "three", "four"];
+    for n in names {
+        up.publish(n, "1.0.0", 1_000);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.upstream.upstream_failure_threshold = 2;
+    cfg.upstream.upstream_backoff = Duration::from_millis(100);
+    let proxy = Proxy::start_with(cfg).await;
+    up.set_fault(Target::Crate, Fault::Status(503));
+    for n in &names[..2] {
+        let r = proxy.get(&format!("{DL}/{n}/1.0.0/download")).await;
+        assert!(r.status().is_server_error());
+    }
+    // Marked down: the next miss is refused without asking upstream.
+    let r = proxy.get(&format!("{DL}/three/1.0.0/download")).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(up.crate_hits("three", "1.0.0"), 0);
+    // Upstream recovers: once the back-off has passed, one download goes through as the
+    // trial, and its success closes the breaker for everyone.
+    up.clear_faults();
+    common::wait_until_async(
+        || async {
+            proxy
+                .get(&format!("{DL}/three/1.0.0/download"))
+                .await
+                .status()
+                == 200
+        },
+        "the trial download to succeed",
+    )
+    .await;
+    let r = proxy.get(&format!("{DL}/four/1.0.0/download")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.crate_hits("four", "1.0.0"), 1);
+}
