@@ -179,6 +179,11 @@ struct BreakerState {
     /// When open: the time of the next probe.
     open_until: Option<Instant>,
     wait: Duration,
+    /// A probe (the health probe, or a half-open trial request) is out: only its failure
+    /// lengthens the wait. Requests let through before the breaker opened fail too, but they
+    /// say nothing new: counting them doubled the wait once each, up to 5 minutes after a
+    /// short outage.
+    probing: bool,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -216,10 +221,16 @@ impl Breaker {
             // it succeeds (closing the breaker) or fails (doubling the wait).
             Some(t) if self.trial && Instant::now() >= t => {
                 st.open_until = Some(Instant::now() + st.wait.max(self.backoff));
+                st.probing = true;
                 Ok(true)
             }
             Some(_) => Err(UpstreamError::Down),
         }
+    }
+
+    /// The health probe is about to ask upstream.
+    fn probing(&self) {
+        self.lock().probing = true;
     }
 
     fn success(&self) {
@@ -237,9 +248,12 @@ impl Breaker {
         let mut st = self.lock();
         st.failures += 1;
         if st.open_until.is_some() {
-            // A failed probe: wait longer before the next one.
-            st.wait = (st.wait * 2).min(MAX_BACKOFF);
-            st.open_until = Some(Instant::now() + st.wait);
+            if st.probing {
+                // A failed probe: wait longer before the next one.
+                st.probing = false;
+                st.wait = (st.wait * 2).min(MAX_BACKOFF);
+                st.open_until = Some(Instant::now() + st.wait);
+            }
         } else if st.failures >= self.threshold {
             st.wait = self.backoff;
             st.open_until = Some(Instant::now() + st.wait);
@@ -315,6 +329,7 @@ impl Upstream {
             Ok(u) => u,
             Err(_) => return false,
         };
+        self.breaker().probing();
         let ok = match self.client.get(url).send().await {
             Ok(r) if r.status().is_success() => true,
             Ok(r) => {
@@ -606,6 +621,33 @@ pub fn crate_url(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_failed_probes_lengthen_the_wait_of_an_open_breaker() {
+        let backoff = Duration::from_millis(100);
+        let b = Breaker::new("test", 2, backoff, true);
+        let e = UpstreamError::Status(503);
+        b.failure(&e);
+        b.failure(&e);
+        assert!(b.is_open());
+        // Requests let through before it opened fail one after another: no news.
+        for _ in 0..20 {
+            b.failure(&e);
+        }
+        assert_eq!(b.lock().wait, backoff);
+        // A failed trial doubles the wait; its success closes the breaker.
+        b.lock().open_until = Some(Instant::now());
+        assert!(b.check().unwrap(), "the trial");
+        assert!(b.check().is_err(), "only one trial at a time");
+        b.failure(&e);
+        assert_eq!(b.lock().wait, backoff * 2);
+        b.failure(&e);
+        assert_eq!(b.lock().wait, backoff * 2, "one doubling per probe");
+        b.probing();
+        b.success();
+        assert!(!b.is_open());
+        assert!(!b.check().unwrap());
+    }
 
     #[test]
     fn index_bodies_are_recognised() {
