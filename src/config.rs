@@ -698,6 +698,13 @@ pub struct SparseConfig {
     #[arg(long, env = "CRATERE_INDEX_TTL", default_value = "2m", value_parser = parse_duration)]
     pub index_ttl: Duration,
 
+    /// How long past CRATERE_INDEX_TTL a cached index file is still answered at once, while
+    /// it is revalidated in the background (stale-while-revalidate); beyond it the client
+    /// waits for the revalidation. 0 turns it off.
+    #[arg(long, env = "CRATERE_INDEX_MAX_STALE", default_value = "10m",
+          value_parser = parse_duration)]
+    pub index_max_stale: Duration,
+
     /// Memory for the most used index files (0 turns it off), e.g. 32MiB; the disk cache
     /// stays complete.
     #[arg(long, env = "CRATERE_INDEX_MEMORY_CACHE", default_value = "32MiB",

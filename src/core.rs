@@ -95,7 +95,7 @@ impl Core {
         let index = Arc::new(IndexCache::new(
             index_store,
             upstream.clone(),
-            config.sparse.index_ttl,
+            (config.sparse.index_ttl, config.sparse.index_max_stale),
             metrics.clone(),
             usage.clone(),
             config.sparse.index_memory_cache,

@@ -77,12 +77,30 @@ impl Entry {
     }
 }
 
+/// Why an index file is revalidated with no client waiting for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Background {
+    /// A client got the copy past its TTL ([`Served::Revalidating`]).
+    StaleWhileRevalidate,
+}
+
+impl Background {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Background::StaleWhileRevalidate => "stale_while_revalidate",
+        }
+    }
+}
+
 /// How the cache answered.
 #[derive(Debug, Clone)]
 pub enum Served {
     Hit,
     Miss,
     Revalidated,
+    /// Past its TTL but within `CRATERE_INDEX_MAX_STALE`: answered from the cache at once
+    /// while a revalidation runs in the background.
+    Revalidating,
     /// Upstream failed; this is the last copy it gave.
     Stale(UpstreamError),
 }
@@ -101,6 +119,8 @@ pub struct IndexCache {
     store: FsStore,
     upstream: Upstream,
     ttl: Duration,
+    /// `CRATERE_INDEX_MAX_STALE`: how long past its TTL a copy is still answered at once.
+    max_stale: Duration,
     metrics: Arc<Metrics>,
     /// Every crate index file served is recorded as a use (for cleanup); the file's mtime
     /// means "last confirmed upstream" and is not touched by a use.
@@ -117,7 +137,7 @@ impl IndexCache {
     pub fn new(
         store: FsStore,
         upstream: Upstream,
-        ttl: Duration,
+        (ttl, max_stale): (Duration, Duration),
         metrics: Arc<Metrics>,
         usage: Arc<Usage>,
         memory_bytes: u64,
@@ -134,6 +154,7 @@ impl IndexCache {
             store,
             upstream,
             ttl,
+            max_stale,
             metrics,
             usage,
             flights: SingleFlight::default(),
@@ -184,23 +205,19 @@ impl IndexCache {
         };
         if let Some(e) = &cached
             && !force
-            && e.age(self.clock.now()) < self.ttl
         {
-            return Ok((!e.gone).then(|| (e.clone(), Served::Hit)));
-        }
-        let (store, upstream, k) = (self.store.clone(), self.upstream.clone(), key.clone());
-        let (clock, memory) = (self.clock.clone(), self.memory.clone());
-        let (flight, joined) = self.flights.start_or_join(key.clone(), move || async move {
-            let res = refresh(store, upstream, k.clone(), clock).await;
-            // In the flight, so that it lands even when no client waited for the end.
-            match &res {
-                Ok(Refreshed::Found { entry, .. }) => memory.insert(k, entry.clone()),
-                Ok(Refreshed::NotFound(Some(tombstone))) => memory.insert(k, tombstone.clone()),
-                Ok(Refreshed::NotFound(None)) => memory.invalidate(&k),
-                Err(_) => {}
+            let age = e.age(self.clock.now());
+            if age < self.ttl {
+                return Ok((!e.gone).then(|| (e.clone(), Served::Hit)));
             }
-            res
-        });
+            // Stale-while-revalidate: the client does not wait on upstream; the next one
+            // finds the revalidated copy.
+            if age < self.ttl.saturating_add(self.max_stale) {
+                let _background = self.refresh(key, Some(Background::StaleWhileRevalidate));
+                return Ok((!e.gone).then(|| (e.clone(), Served::Revalidating)));
+            }
+        }
+        let (flight, joined) = self.refresh(key, None);
         if joined {
             self.metrics.coalesced(Kind::Index);
         }
@@ -235,6 +252,38 @@ impl IndexCache {
                 None => Err(e),
             },
         }
+    }
+}
+
+impl IndexCache {
+    /// Starts (or joins) the revalidation of `key`: one per file at a time, run in its own
+    /// task, its result stored on disk and in the memory layer whether or not anyone waits.
+    /// `background`: why it runs when no client waits for it (counted in the metrics).
+    fn refresh(
+        &self,
+        key: &IndexKey,
+        background: Option<Background>,
+    ) -> (
+        impl std::future::Future<Output = Option<Result<Refreshed, UpstreamError>>> + use<>,
+        bool,
+    ) {
+        let (store, upstream, k) = (self.store.clone(), self.upstream.clone(), key.clone());
+        let (clock, memory) = (self.clock.clone(), self.memory.clone());
+        let metrics = self.metrics.clone();
+        self.flights.start_or_join(key.clone(), move || async move {
+            let res = refresh(store, upstream, k.clone(), clock).await;
+            if let Some(why) = background {
+                let changed = matches!(&res, Ok(Refreshed::Found { changed: true, .. }));
+                metrics.index_background_refresh(why.as_str(), res.is_ok(), changed);
+            }
+            match &res {
+                Ok(Refreshed::Found { entry, .. }) => memory.insert(k, entry.clone()),
+                Ok(Refreshed::NotFound(Some(tombstone))) => memory.insert(k, tombstone.clone()),
+                Ok(Refreshed::NotFound(None)) => memory.invalidate(&k),
+                Err(_) => {}
+            }
+            res
+        })
     }
 }
 

@@ -35,6 +35,8 @@ pub enum Outcome {
     Revalidated,
     /// Upstream failed; the cached copy was served anyway.
     Stale,
+    /// Past its TTL, served at once while revalidated in the background.
+    StaleWhileRevalidate,
 }
 
 impl Kind {
@@ -54,6 +56,7 @@ impl Outcome {
             Outcome::Miss => "miss",
             Outcome::Revalidated => "revalidated",
             Outcome::Stale => "stale",
+            Outcome::StaleWhileRevalidate => "stale_while_revalidate",
         }
     }
 }
@@ -126,6 +129,12 @@ struct GitGauges {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefreshLabels {
+    /// Why it ran: stale_while_revalidate, ahead, prefetch, git_sync.
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     /// Which limit: busy, body_too_large, body_too_slow, client_stopped_reading.
     limit: &'static str,
@@ -165,6 +174,9 @@ pub struct Metrics {
     upstream_errors: Family<ErrorLabels, Counter>,
     downloads_in_flight: Gauge,
     ready_checks: Counter,
+    refreshes: Family<RefreshLabels, Counter>,
+    refreshes_failed: Family<RefreshLabels, Counter>,
+    refreshes_changed: Family<RefreshLabels, Counter>,
     cache_files: Gauge,
     cache_bytes: Gauge,
     upstream_up: Gauge,
@@ -349,6 +361,24 @@ impl Metrics {
             "Readiness checks of the stores run (each /ready answer is reused for 2 s)",
             Counter::default(),
         );
+        let refreshes = register(
+            &mut registry,
+            "index_background_refreshes",
+            "Index files revalidated upstream with no client waiting, by reason",
+            Family::<RefreshLabels, Counter>::default(),
+        );
+        let refreshes_failed = register(
+            &mut registry,
+            "index_background_refreshes_failed",
+            "Background revalidations that upstream did not answer, by reason",
+            Family::<RefreshLabels, Counter>::default(),
+        );
+        let refreshes_changed = register(
+            &mut registry,
+            "index_background_refreshes_changed",
+            "Background revalidations that found the file changed upstream, by reason",
+            Family::<RefreshLabels, Counter>::default(),
+        );
         let cache_files = register(
             &mut registry,
             "cache_files",
@@ -386,6 +416,9 @@ impl Metrics {
             upstream_errors,
             downloads_in_flight,
             ready_checks,
+            refreshes,
+            refreshes_failed,
+            refreshes_changed,
             cache_files,
             cache_bytes,
             last_upstream_ok: AtomicI64::new(0),
@@ -394,6 +427,18 @@ impl Metrics {
             traffic: Mutex::default(),
             started: SystemTime::now(),
             scans: AtomicU64::new(0),
+        }
+    }
+
+    /// A background revalidation of an index file ended.
+    pub fn index_background_refresh(&self, reason: &'static str, ok: bool, changed: bool) {
+        let l = RefreshLabels { reason };
+        self.refreshes.get_or_create(&l).inc();
+        if !ok {
+            self.refreshes_failed.get_or_create(&l).inc();
+        }
+        if changed {
+            self.refreshes_changed.get_or_create(&l).inc();
         }
     }
 

@@ -52,6 +52,7 @@ async fn index_file(
         Served::Hit => (Outcome::Hit, "hit"),
         Served::Miss => (Outcome::Miss, "miss"),
         Served::Revalidated => (Outcome::Revalidated, "revalidated"),
+        Served::Revalidating => (Outcome::StaleWhileRevalidate, "stale-while-revalidate"),
         Served::Stale(_) => (Outcome::Stale, "stale"),
     };
     st.core.metrics.cache(Kind::Index, outcome);

@@ -45,7 +45,9 @@ fn ago(unix: i64) -> String {
 }
 
 fn ratio(m: &Metrics, kind: Kind) -> String {
-    let hits = m.cache_count(kind, Outcome::Hit) + m.cache_count(kind, Outcome::Revalidated);
+    let hits = m.cache_count(kind, Outcome::Hit)
+        + m.cache_count(kind, Outcome::Revalidated)
+        + m.cache_count(kind, Outcome::StaleWhileRevalidate);
     let total = hits + m.cache_count(kind, Outcome::Miss) + m.cache_count(kind, Outcome::Stale);
     if total == 0 {
         "no requests yet".into()

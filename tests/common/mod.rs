@@ -521,6 +521,9 @@ impl Proxy {
         let mut c = Config::for_dirs(dir.join("crates"), dir.join("index"));
         c.upstream.upstream_sparse = upstream_url.parse().unwrap();
         c.sparse.index_ttl = Duration::from_secs(3600);
+        // Past the TTL a client waits for the revalidation (what most tests look at);
+        // stale-while-revalidate has its own tests.
+        c.sparse.index_max_stale = Duration::ZERO;
         c.upstream.upstream_connect_timeout = Duration::from_secs(2);
         c.upstream.upstream_idle_timeout = Duration::from_secs(2);
         // Fault tests inject many failures in a row; the breaker has its own tests.

@@ -1,0 +1,154 @@
+//! Freshness of the sparse index without making clients wait: stale-while-revalidate within
+//! `CRATERE_INDEX_MAX_STALE`, with the real server, a fake upstream that can hold its answers,
+//! the test clock, and the real cargo.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::cargo::{cargo, cargo_home, package_crates, publish_packaged, write_app_project};
+use common::{FakeUpstream, Fault, Proxy, Target, index_path};
+use cratere::clock::FakeClock;
+
+const TTL: Duration = Duration::from_secs(120);
+const MAX_STALE: Duration = Duration::from_secs(600);
+
+async fn proxy_with_clock(up: &FakeUpstream, dir: &std::path::Path) -> (Proxy, Arc<FakeClock>) {
+    let mut cfg = Proxy::config(&up.url, dir);
+    cfg.sparse.index_ttl = TTL;
+    cfg.sparse.index_max_stale = MAX_STALE;
+    let clock = Arc::new(FakeClock::new());
+    (Proxy::start_with_clock(cfg, clock.clone()).await, clock)
+}
+
+/// The series `cratere_index_background_{what}_total` of `reason`.
+fn background(what: &str, reason: &str) -> String {
+    format!("cratere_index_background_{what}_total{{reason=\"{reason}\"}}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_past_its_ttl_is_answered_at_once_and_revalidated_in_the_background() {
+    let up = FakeUpstream::start().await;
+    up.publish("serde", "1.0.0", 100);
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, clock) = proxy_with_clock(&up, dir.path()).await;
+    let path = format!("/index/{}", index_path("serde"));
+    let upstream_path = format!("/{}", index_path("serde"));
+    assert_eq!(proxy.get(&path).await.headers()["x-cratere-cache"], "miss");
+
+    // Past the TTL, with upstream holding every answer: the client gets the copy at once.
+    clock.advance(TTL + Duration::from_secs(1));
+    up.publish("serde", "1.0.1", 100);
+    up.set_fault(Target::Index, Fault::GateAll);
+    let r = proxy.get(&path).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-cratere-cache"], "stale-while-revalidate");
+    assert!(!r.text().await.unwrap().contains("1.0.1"));
+    up.wait_for_hits(&upstream_path, 2).await;
+    // Clients meanwhile still get the copy, and join the one revalidation.
+    let r = proxy.get(&path).await;
+    assert_eq!(r.headers()["x-cratere-cache"], "stale-while-revalidate");
+    up.release();
+    common::wait_until_async(
+        || async {
+            proxy
+                .metric(&background("refreshes_changed", "stale_while_revalidate"))
+                .await
+                == 1.0
+        },
+        "the background revalidation to land",
+    )
+    .await;
+    assert_eq!(
+        up.hits(&upstream_path),
+        2,
+        "one revalidation for two clients"
+    );
+    assert_eq!(
+        proxy
+            .metric(&background("refreshes", "stale_while_revalidate"))
+            .await,
+        1.0
+    );
+    let r = proxy.get(&path).await;
+    assert_eq!(r.headers()["x-cratere-cache"], "hit");
+    assert!(
+        r.text().await.unwrap().contains("1.0.1"),
+        "the new version is visible"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_max_stale_bound_and_for_unlisted_versions_the_client_waits_for_upstream() {
+    let up = FakeUpstream::start().await;
+    up.publish("rand", "0.8.0", 100);
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, clock) = proxy_with_clock(&up, dir.path()).await;
+    let path = format!("/index/{}", index_path("rand"));
+    proxy.get(&path).await.bytes().await.unwrap();
+
+    // Within the bound, a download of a version the copy does not list revalidates at once.
+    clock.advance(TTL + Duration::from_secs(1));
+    let fresh = up.publish("rand", "0.8.1", 300);
+    let r = proxy.get("/api/v1/crates/rand/0.8.1/download").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), fresh);
+
+    // Past TTL + MAX_STALE the client waits for the revalidation, and sees its result.
+    clock.advance(TTL + MAX_STALE + Duration::from_secs(1));
+    up.publish("rand", "0.8.2", 100);
+    let r = proxy.get(&path).await;
+    assert_eq!(r.headers()["x-cratere-cache"], "miss");
+    assert!(r.text().await.unwrap().contains("0.8.2"));
+    // Past the bound with upstream failing: the stale copy, as before.
+    clock.advance(TTL + MAX_STALE + Duration::from_secs(1));
+    up.set_fault(Target::Index, Fault::Status(503));
+    let r = proxy.get(&path).await;
+    assert_eq!(r.headers()["x-cratere-cache"], "stale");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cargo_resolves_from_a_stale_cache_while_upstream_holds_every_answer() {
+    let work = tempfile::tempdir().unwrap();
+    let crates = package_crates(&work.path().join("src-crates"));
+    let up = FakeUpstream::start().await;
+    publish_packaged(&up, &crates);
+    let project = work.path().join("app");
+    write_app_project(&project);
+    let (proxy, clock) = proxy_with_clock(&up, &work.path().join("data")).await;
+    let lockfile = |home: &str| {
+        let (p, h) = (
+            project.clone(),
+            cargo_home(&work.path().join(home), &proxy.url),
+        );
+        tokio::task::spawn_blocking(move || cargo(&p, &h, &["generate-lockfile"]))
+    };
+    let out = lockfile("home1").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Every file is past its TTL and upstream answers nothing until released: cargo (a
+    // fresh CARGO_HOME) still resolves, from the copies, without waiting.
+    clock.advance(TTL + Duration::from_secs(1));
+    up.set_fault(Target::Index, Fault::GateAll);
+    let out = lockfile("home2").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        proxy
+            .metric(
+                "cratere_cache_requests_total{kind=\"index\",outcome=\"stale_while_revalidate\"}"
+            )
+            .await,
+        3.0,
+        "alpha, beta and Mixed_Case"
+    );
+    up.release();
+}
