@@ -705,6 +705,13 @@ pub struct SparseConfig {
           value_parser = parse_duration)]
     pub index_max_stale: Duration,
 
+    /// When an index file comes from upstream, fetch the index files of the crates its
+    /// newest version depends on too (recursively, at low priority), so that cargo's next
+    /// round of requests finds them cached.
+    #[arg(long, env = "CRATERE_INDEX_PREFETCH", default_value = "true",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub index_prefetch: bool,
+
     /// Memory for the most used index files (0 turns it off), e.g. 32MiB; the disk cache
     /// stays complete.
     #[arg(long, env = "CRATERE_INDEX_MEMORY_CACHE", default_value = "32MiB",

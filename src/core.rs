@@ -98,7 +98,10 @@ impl Core {
             (config.sparse.index_ttl, config.sparse.index_max_stale),
             metrics.clone(),
             usage.clone(),
-            config.sparse.index_memory_cache,
+            (
+                config.sparse.index_memory_cache,
+                config.sparse.index_prefetch,
+            ),
             clock.clone(),
         ));
         let downloads = Arc::new(Downloads::new(
@@ -163,6 +166,7 @@ impl Core {
     ) {
         crate::upstream::spawn_probe(self.upstream.clone(), jobs, shutdown);
         crate::usage::spawn_jobs(self.usage.clone(), jobs, shutdown);
+        crate::index_cache::spawn_refresh_ahead(self.index.clone(), jobs, shutdown);
         crate::cleanup::spawn_jobs(
             self.cleanup.clone(),
             self.metrics.clone(),

@@ -177,6 +177,8 @@ pub struct Metrics {
     refreshes: Family<RefreshLabels, Counter>,
     refreshes_failed: Family<RefreshLabels, Counter>,
     refreshes_changed: Family<RefreshLabels, Counter>,
+    prefetched: Counter,
+    prefetch_used: Counter,
     cache_files: Gauge,
     cache_bytes: Gauge,
     upstream_up: Gauge,
@@ -379,6 +381,18 @@ impl Metrics {
             "Background revalidations that found the file changed upstream, by reason",
             Family::<RefreshLabels, Counter>::default(),
         );
+        let prefetched = register(
+            &mut registry,
+            "index_prefetched",
+            "Index files fetched by dependency prefetch before any client asked for them",
+            Counter::default(),
+        );
+        let prefetch_used = register(
+            &mut registry,
+            "index_prefetch_used",
+            "Prefetched index files a client then asked for (within an hour)",
+            Counter::default(),
+        );
         let cache_files = register(
             &mut registry,
             "cache_files",
@@ -419,6 +433,8 @@ impl Metrics {
             refreshes,
             refreshes_failed,
             refreshes_changed,
+            prefetched,
+            prefetch_used,
             cache_files,
             cache_bytes,
             last_upstream_ok: AtomicI64::new(0),
@@ -440,6 +456,14 @@ impl Metrics {
         if changed {
             self.refreshes_changed.get_or_create(&l).inc();
         }
+    }
+
+    pub fn index_prefetched(&self) {
+        self.prefetched.inc();
+    }
+
+    pub fn index_prefetch_used(&self) {
+        self.prefetch_used.inc();
     }
 
     pub fn count_ready_check(&self) {

@@ -271,6 +271,8 @@ pub struct Upstream {
     idle_timeout: Duration,
     sparse: Url,
     permits: Arc<Semaphore>,
+    /// `CRATERE_UPSTREAM_CONCURRENCY`.
+    concurrency: usize,
     metrics: Arc<Metrics>,
     /// One per upstream service, so that one failing does not take the others down: the
     /// sparse index, the download host, the web API (search).
@@ -281,6 +283,16 @@ impl Upstream {
     /// How long a read from upstream may stall (`CRATERE_UPSTREAM_IDLE_TIMEOUT`).
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout
+    }
+
+    /// Whether at least half the upstream slots are free (background work may start).
+    pub fn mostly_idle(&self) -> bool {
+        self.permits.available_permits() * 2 >= self.concurrency
+    }
+
+    /// `CRATERE_UPSTREAM_CONCURRENCY`.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
     }
 
     pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> anyhow::Result<Upstream> {
@@ -296,6 +308,7 @@ impl Upstream {
             client,
             sparse: config.upstream_sparse.clone(),
             permits: Arc::new(Semaphore::new(config.upstream_concurrency)),
+            concurrency: config.upstream_concurrency,
             metrics,
             breakers: Arc::new([Kind::Index, Kind::Crate, Kind::Api].map(|kind| {
                 Breaker::new(

@@ -152,3 +152,145 @@ async fn cargo_resolves_from_a_stale_cache_while_upstream_holds_every_answer() {
     );
     up.release();
 }
+
+/// An index `deps` array: (name, kind).
+fn deps(list: &[(&str, &str)]) -> String {
+    let items: Vec<String> = list
+        .iter()
+        .map(|(name, kind)| {
+            format!(
+                r#"{{"name": "{name}", "req": "^1", "features": [], "optional": false, "default_features": true, "target": null, "kind": "{kind}"}}"#
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// `top` → `mid` (normal) → `leaf`; `top` → `tool` (build); `top` → `testonly` (dev).
+fn publish_tree(up: &FakeUpstream) {
+    let b = bytes::Bytes::from_static(b"x");
+    up.publish_bytes("leaf", "1.0.0", b.clone(), "[]");
+    up.publish_bytes("mid", "1.0.0", b.clone(), &deps(&[("leaf", "normal")]));
+    up.publish_bytes("tool", "1.0.0", b.clone(), "[]");
+    up.publish_bytes("testonly", "1.0.0", b.clone(), "[]");
+    let top = deps(&[("mid", "normal"), ("tool", "build"), ("testonly", "dev")]);
+    up.publish_bytes("top", "1.0.0", b, &top);
+}
+
+fn index_hits(up: &FakeUpstream, name: &str) -> usize {
+    up.hits(&format!("/{}", index_path(name)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefetch_fills_the_next_levels_for_cargo_with_one_upstream_request_per_file() {
+    let work = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start().await;
+    publish_tree(&up);
+    let (proxy, _clock) = proxy_with_clock(&up, &work.path().join("data")).await;
+    // The first wave: top alone. Its dependencies are fetched before cargo asks.
+    let r = proxy.get(&format!("/index/{}", index_path("top"))).await;
+    assert_eq!(r.status(), 200);
+    let prefetched = "cratere_index_prefetched_total";
+    common::wait_until_async(
+        || async { proxy.metric(prefetched).await == 3.0 },
+        "mid, tool and then leaf to be prefetched",
+    )
+    .await;
+    for name in ["top", "mid", "tool", "leaf"] {
+        assert_eq!(index_hits(&up, name), 1, "{name}");
+    }
+    assert_eq!(
+        index_hits(&up, "testonly"),
+        0,
+        "dev dependencies are not prefetched"
+    );
+
+    // Real cargo resolving a project on top finds every file cached.
+    let project = work.path().join("app");
+    common::cargo::write(
+        &project.join("Cargo.toml"),
+        "[package]\nname = \"app\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n\
+         [dependencies]\ntop = \"1\"\n",
+    );
+    common::cargo::write(&project.join("src/main.rs"), "fn main() {}\n");
+    let home = cargo_home(&work.path().join("home"), &proxy.url);
+    let out = tokio::task::spawn_blocking(move || cargo(&project, &home, &["generate-lockfile"]))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["top", "mid", "tool", "leaf"] {
+        assert_eq!(
+            index_hits(&up, name),
+            1,
+            "{name}: no second upstream request"
+        );
+    }
+    assert_eq!(index_hits(&up, "testonly"), 0);
+    assert_eq!(proxy.metric("cratere_index_prefetch_used_total").await, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefetch_off_fetches_only_what_clients_ask_for() {
+    let up = FakeUpstream::start().await;
+    publish_tree(&up);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Proxy::config(&up.url, dir.path());
+    cfg.sparse.index_prefetch = false;
+    let proxy = Proxy::start_with(cfg).await;
+    let r = proxy.get(&format!("/index/{}", index_path("top"))).await;
+    assert_eq!(r.status(), 200);
+    let r = proxy.get(&format!("/index/{}", index_path("mid"))).await;
+    assert_eq!(r.headers()["x-cratere-cache"], "miss", "not fetched ahead");
+    assert_eq!(proxy.metric("cratere_index_prefetched_total").await, 0.0);
+    for (name, n) in [
+        ("top", 1),
+        ("mid", 1),
+        ("tool", 0),
+        ("leaf", 0),
+        ("testonly", 0),
+    ] {
+        assert_eq!(index_hits(&up, name), n, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_used_recently_are_revalidated_before_they_expire() {
+    let up = FakeUpstream::start().await;
+    up.publish("hot", "1.0.0", 10);
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, clock) = proxy_with_clock(&up, dir.path()).await;
+    let index = proxy.state.core.index.clone();
+    let path = format!("/index/{}", index_path("hot"));
+    proxy.get(&path).await.bytes().await.unwrap();
+
+    // Before 3/4 of the TTL nothing is due.
+    clock.advance(TTL / 2);
+    assert_eq!(index.refresh_ahead_once().await, 0);
+    // After it, the file is revalidated in the background, before any client finds it stale.
+    clock.advance(TTL / 4 + Duration::from_secs(1));
+    up.publish("hot", "1.0.1", 10);
+    assert_eq!(index.refresh_ahead_once().await, 1);
+    common::wait_until_async(
+        || async {
+            proxy
+                .metric(&background("refreshes_changed", "ahead"))
+                .await
+                == 1.0
+        },
+        "the refresh ahead to land",
+    )
+    .await;
+    assert_eq!(index_hits(&up, "hot"), 2);
+    let r = proxy.get(&path).await;
+    assert_eq!(r.headers()["x-cratere-cache"], "hit");
+    assert!(r.text().await.unwrap().contains("1.0.1"));
+
+    // A file nobody asked for in two TTLs is left to expire.
+    clock.advance(TTL * 2 + Duration::from_secs(1));
+    assert_eq!(index.refresh_ahead_once().await, 0);
+    assert_eq!(index_hits(&up, "hot"), 2);
+}

@@ -7,6 +7,8 @@
 //! together by one rename, so they always match. The file's mtime is the time it was last
 //! confirmed with upstream; a revalidation that finds it unchanged only touches the mtime.
 
+mod ahead;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,6 +23,8 @@ use crate::singleflight::SingleFlight;
 use crate::storage::FsStore;
 use crate::upstream::{IndexFetch, Upstream, UpstreamError, Validators};
 use crate::usage::Usage;
+
+pub use ahead::{dependencies_of_newest, spawn_refresh_ahead};
 
 /// What the cache holds: a crate's index file or upstream's config.json.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -82,12 +86,18 @@ impl Entry {
 pub enum Background {
     /// A client got the copy past its TTL ([`Served::Revalidating`]).
     StaleWhileRevalidate,
+    /// Used recently and about to expire.
+    Ahead,
+    /// A dependency of a file just fetched.
+    Prefetch,
 }
 
 impl Background {
     pub fn as_str(self) -> &'static str {
         match self {
             Background::StaleWhileRevalidate => "stale_while_revalidate",
+            Background::Ahead => "ahead",
+            Background::Prefetch => "prefetch",
         }
     }
 }
@@ -131,6 +141,8 @@ pub struct IndexCache {
     memory: moka::sync::Cache<IndexKey, Entry>,
     /// Ages and confirmation times are read from it (tests move it).
     clock: Arc<dyn Clock>,
+    /// Refresh-ahead and prefetch ([`ahead`]).
+    ahead: ahead::Ahead,
 }
 
 impl IndexCache {
@@ -140,9 +152,10 @@ impl IndexCache {
         (ttl, max_stale): (Duration, Duration),
         metrics: Arc<Metrics>,
         usage: Arc<Usage>,
-        memory_bytes: u64,
+        (memory_bytes, prefetch): (u64, bool),
         clock: Arc<dyn Clock>,
     ) -> IndexCache {
+        let ahead = ahead::Ahead::new(prefetch, upstream.concurrency());
         let memory = moka::sync::Cache::builder()
             .max_capacity(memory_bytes)
             .weigher(|k: &IndexKey, e: &Entry| {
@@ -160,6 +173,7 @@ impl IndexCache {
             flights: SingleFlight::default(),
             memory,
             clock,
+            ahead,
         }
     }
 
@@ -177,10 +191,11 @@ impl IndexCache {
     /// failed and nothing is cached. `force` revalidates even a fresh copy. A crate's index
     /// file that is returned counts as used.
     pub async fn get(
-        &self,
+        self: &Arc<Self>,
         key: &IndexKey,
         force: bool,
     ) -> Result<Option<(Entry, Served)>, UpstreamError> {
+        self.note_client_use(key);
         let res = self.lookup(key, force).await;
         if let (Ok(Some(_)), IndexKey::Crate(path)) = (&res, key) {
             self.usage.record_index(path);
@@ -189,7 +204,7 @@ impl IndexCache {
     }
 
     async fn lookup(
-        &self,
+        self: &Arc<Self>,
         key: &IndexKey,
         force: bool,
     ) -> Result<Option<(Entry, Served)>, UpstreamError> {
@@ -260,7 +275,7 @@ impl IndexCache {
     /// task, its result stored on disk and in the memory layer whether or not anyone waits.
     /// `background`: why it runs when no client waits for it (counted in the metrics).
     fn refresh(
-        &self,
+        self: &Arc<Self>,
         key: &IndexKey,
         background: Option<Background>,
     ) -> (
@@ -269,12 +284,18 @@ impl IndexCache {
     ) {
         let (store, upstream, k) = (self.store.clone(), self.upstream.clone(), key.clone());
         let (clock, memory) = (self.clock.clone(), self.memory.clone());
-        let metrics = self.metrics.clone();
+        let this = self.clone();
         self.flights.start_or_join(key.clone(), move || async move {
             let res = refresh(store, upstream, k.clone(), clock).await;
+            let changed = matches!(&res, Ok(Refreshed::Found { changed: true, .. }));
             if let Some(why) = background {
-                let changed = matches!(&res, Ok(Refreshed::Found { changed: true, .. }));
-                metrics.index_background_refresh(why.as_str(), res.is_ok(), changed);
+                this.metrics
+                    .index_background_refresh(why.as_str(), res.is_ok(), changed);
+            }
+            if let (true, IndexKey::Crate(path), Ok(Refreshed::Found { entry, .. })) =
+                (changed, &k, &res)
+            {
+                this.prefetch_dependencies(path, &entry.body);
             }
             match &res {
                 Ok(Refreshed::Found { entry, .. }) => memory.insert(k, entry.clone()),
@@ -284,6 +305,18 @@ impl IndexCache {
             }
             res
         })
+    }
+}
+
+impl IndexCache {
+    /// The copy in the memory layer, else on disk (put in the memory layer), fresh or not.
+    async fn memory_or_disk(&self, key: &IndexKey) -> Option<Entry> {
+        if let Some(e) = self.memory.get(key) {
+            return Some(e);
+        }
+        let e = read_entry(&self.store, key).await?;
+        self.memory.insert(key.clone(), e.clone());
+        Some(e)
     }
 }
 
