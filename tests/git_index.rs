@@ -1129,3 +1129,55 @@ async fn one_http2_connection_cannot_take_every_git_process() {
     .await;
     drop(second);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_revalidates_the_cached_sparse_files_it_saw_change() {
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let up = FakeUpstream::start().await;
+    up.publish("serde", "1.0.0", 100);
+    up.publish("rand", "0.8.0", 100);
+    let upstream = Upstream::create(&work.join("upstream")).await;
+    upstream.put_index(&up, &["serde", "rand"]);
+    upstream.commit("serde and rand").await;
+    let proxy = git_proxy(
+        &up,
+        &work.join("data"),
+        upstream.dir.to_str().unwrap(),
+        YEARLY,
+        &[],
+    )
+    .await;
+    first_sync(&proxy).await;
+    // serde's sparse file is cached (fresh for the tests' hour-long TTL); rand's is not.
+    let sparse = format!("/index/{}", index_path("serde"));
+    assert_eq!(
+        proxy.get(&sparse).await.headers()["x-cratere-cache"],
+        "miss"
+    );
+
+    up.publish("serde", "1.0.1", 100);
+    up.publish("rand", "0.8.1", 100);
+    upstream.put_index(&up, &["serde", "rand"]);
+    upstream.commit("new versions").await;
+    let report = mirror(&proxy).sync().await.unwrap();
+    assert_eq!(report.files_changed, 2);
+    let changed = r#"cratere_index_background_refreshes_changed_total{reason="git_sync"}"#;
+    common::wait_until_async(
+        || async { proxy.metric(changed).await == 1.0 },
+        "serde's sparse file to be revalidated",
+    )
+    .await;
+    let r = proxy.get(&sparse).await;
+    assert_eq!(r.headers()["x-cratere-cache"], "hit");
+    assert!(
+        r.text().await.unwrap().contains("1.0.1"),
+        "fresh within its TTL"
+    );
+    assert_eq!(up.index_hits("serde"), 2);
+    assert_eq!(
+        up.index_hits("rand"),
+        0,
+        "files nobody asked for are not fetched"
+    );
+}

@@ -94,6 +94,7 @@ impl GitIndex {
                 changed = r.changed,
                 history_rewritten = r.history_rewritten,
                 pruned = r.pruned,
+                files_changed = r.files_changed,
                 duration_ms = record.duration.as_millis() as u64,
                 "git index synced"
             ),
@@ -158,6 +159,12 @@ impl GitIndex {
             commits.push(self.host_commit(host, &head).await?);
         }
         let changed = self.publish(&commits).await?;
+        let files_changed = match &old_head {
+            Some(old) if *old != head && !history_rewritten => {
+                self.report_changes(old, &head).await
+            }
+            _ => 0,
+        };
 
         let pruned = self.maintain(prune_pending).await?;
         if history_rewritten || rewrite_recorded {
@@ -169,7 +176,40 @@ impl GitIndex {
             changed,
             history_rewritten,
             pruned,
+            files_changed,
         })
+    }
+
+    /// Hands the index files that differ between two upstream commits to the
+    /// [`GitIndex::on_files_changed`] hook. Returns how many there were.
+    async fn report_changes(&self, old: &str, new: &str) -> usize {
+        let out = self
+            .git(
+                ["diff", "--name-only", "-z", "--no-renames", old, new],
+                None,
+            )
+            .await;
+        let files: Vec<String> = match out {
+            Ok(o) => o
+                .stdout
+                .split(|&b| b == 0)
+                .filter_map(|p| std::str::from_utf8(p).ok())
+                .filter(|p| !p.is_empty() && *p != "config.json" && !p.starts_with('.'))
+                .map(str::to_owned)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cannot list the files a sync changed"
+                );
+                return 0;
+            }
+        };
+        let n = files.len();
+        if let Some(hook) = self.on_files_changed.get() {
+            hook(files);
+        }
+        n
     }
 
     /// Fetches upstream's head (forced: upstream squashes). Returns the upstream commit

@@ -112,7 +112,13 @@ pub struct SyncReport {
     pub history_rewritten: bool,
     /// Unreachable objects were pruned in this sync.
     pub pruned: bool,
+    /// Index files that changed upstream since the previous sync (0 after a squash, when
+    /// the whole tree is new).
+    pub files_changed: usize,
 }
+
+/// Told the index files (`se/rd/serde`) that changed upstream in a sync.
+pub type FilesChanged = Arc<dyn Fn(Vec<String>) + Send + Sync>;
 
 /// One sync attempt.
 #[derive(Debug, Clone)]
@@ -183,6 +189,8 @@ pub struct GitIndex {
     send_timeout: Duration,
     /// How often each of those limits ended a request.
     limits: Arc<LimitCounts>,
+    /// Set by the server: refreshes the sparse files a sync found changed.
+    on_files_changed: std::sync::OnceLock<FilesChanged>,
 }
 
 /// How often a git request was refused or cut off, by limit (for `/metrics`).
@@ -237,6 +245,7 @@ impl GitIndex {
             max_body: config.git_max_body,
             send_timeout: config.git_send_timeout,
             limits: Arc::default(),
+            on_files_changed: std::sync::OnceLock::new(),
         }
     }
 
@@ -270,6 +279,12 @@ impl GitIndex {
     /// Status updates (tests wait on these instead of sleeping).
     pub fn subscribe(&self) -> watch::Receiver<SyncStatus> {
         self.status.subscribe()
+    }
+
+    /// Calls `hook` after each sync with the index files that changed upstream (at most
+    /// once: the first hook set stays).
+    pub fn on_files_changed(&self, hook: FilesChanged) {
+        let _ = self.on_files_changed.set(hook);
     }
 
     /// How often git requests met each limit since start.

@@ -111,6 +111,10 @@ impl AppState {
             shutdown,
         );
         if let Some(git) = &self.git {
+            // Each sync knows which crates changed upstream: their cached sparse files are
+            // revalidated at once, so freshness does not wait for the TTL.
+            let index = self.core.index.clone();
+            git.on_files_changed(Arc::new(move |files| index.refresh_changed(files)));
             crate::git::spawn_sync(git.clone(), jobs, shutdown);
         }
     }

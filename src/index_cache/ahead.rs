@@ -151,6 +151,33 @@ impl IndexCache {
     }
 }
 
+impl IndexCache {
+    /// Revalidates the cached ones among these index files (paths as in the git index, e.g.
+    /// `se/rd/serde`), in the background: the git mirror's sync saw them change upstream.
+    pub fn refresh_changed(self: &Arc<Self>, paths: Vec<String>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            for p in paths {
+                let Ok(path) = p.parse::<IndexPath>() else {
+                    continue;
+                };
+                let key = IndexKey::Crate(path);
+                if this.memory_or_disk(&key).await.is_none() {
+                    continue;
+                }
+                let Ok(slot) = this.ahead.ahead_slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (flight, _) = this.refresh(&key, Some(Background::GitSync));
+                tokio::spawn(async move {
+                    flight.await;
+                    drop(slot);
+                });
+            }
+        });
+    }
+}
+
 /// Runs refresh-ahead every eighth of the TTL (at least every second) until `shutdown`; not
 /// at all with a TTL of 0 (every request revalidates then).
 pub fn spawn_refresh_ahead(

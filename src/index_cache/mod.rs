@@ -90,6 +90,8 @@ pub enum Background {
     Ahead,
     /// A dependency of a file just fetched.
     Prefetch,
+    /// The git mirror's sync saw it change upstream.
+    GitSync,
 }
 
 impl Background {
@@ -98,6 +100,7 @@ impl Background {
             Background::StaleWhileRevalidate => "stale_while_revalidate",
             Background::Ahead => "ahead",
             Background::Prefetch => "prefetch",
+            Background::GitSync => "git_sync",
         }
     }
 }
