@@ -8,7 +8,9 @@
 4. `cargo fetch` and `cargo generate-lockfile` of bench/project (~550 packages), cold and warm,
    through Cratere (plain HTTP and HTTPS/HTTP2) vs straight from upstream, fresh CARGO_HOME each;
 5. memory: RSS idle, under load, after load;
-6. a clone of the git index served by Cratere.
+6. a clone of the git index served by Cratere;
+7. freshness: cold resolves with and without dependency prefetch (and how many prefetched
+   files cargo then used), warm fetches within and after the index TTL (`ONLY=fresh`).
 Contenders alternate within each round; the report gives medians and ratios.
 """
 
@@ -339,33 +341,42 @@ def bench_miss(pkgs):
     out(f"\n(crates: {', '.join(f'{n} {v}' for n, v in picks)}; medians of {ROUNDS} rounds)")
 
 
+class CargoRuns:
+    """cargo runs on copies of bench/project (one with its lockfile, one resolving afresh), each
+    with a fresh CARGO_HOME on the tmpfs (the previous run's removed first)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.proj = W / f"{name}-proj"
+        shutil.copytree(PROJECT, self.proj)
+        self.unlocked = W / f"{name}-unlocked"
+        shutil.copytree(PROJECT, self.unlocked)
+        self.n = 0
+
+    def home(self, registry=None, cainfo=None):
+        self.n += 1
+        for old in HOMES.glob(f"{self.name}-home*"):
+            shutil.rmtree(old, ignore_errors=True)
+        return cargo_home(HOMES / f"{self.name}-home{self.n}", registry, cainfo)
+
+    def fetch(self, h):
+        return timed(["cargo", "fetch", "--locked"], cwd=self.proj, env=dict(os.environ, CARGO_HOME=str(h)))
+
+    def lock(self, h):
+        (self.unlocked / "Cargo.lock").unlink(missing_ok=True)
+        return timed(["cargo", "generate-lockfile"], cwd=self.unlocked, env=dict(os.environ, CARGO_HOME=str(h)))
+
+
 def bench_cargo():
     out("\n### cargo, ~550-package project, fresh CARGO_HOME each run (s)\n")
-    proj = W / "proj"
-    shutil.copytree(PROJECT, proj)
-    unlocked = W / "proj-unlocked"
-    shutil.copytree(PROJECT, unlocked)
     cert, key = W / "cert.pem", W / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     rows = {k: [] for k in ["fetch direct", "fetch cold", "fetch warm", "fetch cold https", "fetch warm https",
                             "lock direct", "lock cold", "lock warm", "lock cold https", "lock warm https"]}
-    n = 0
-
-    def home(registry=None, cainfo=None):
-        nonlocal n
-        n += 1
-        for old in HOMES.glob("home*"):  # the previous run's, kept only until now
-            shutil.rmtree(old, ignore_errors=True)
-        return cargo_home(HOMES / f"home{n}", registry, cainfo)
-
-    def fetch(h):
-        return timed(["cargo", "fetch", "--locked"], cwd=proj, env=dict(os.environ, CARGO_HOME=str(h)))
-
-    def lock(h):
-        (unlocked / "Cargo.lock").unlink(missing_ok=True)
-        return timed(["cargo", "generate-lockfile"], cwd=unlocked, env=dict(os.environ, CARGO_HOME=str(h)))
+    runs = CargoRuns("cargo")
+    home, fetch, lock = runs.home, runs.fetch, runs.lock
 
     for r in range(ROUNDS):
         plain, tls = 18110 + 2 * r, 18111 + 2 * r
@@ -401,6 +412,69 @@ def bench_cargo():
             cells.append(f"{v:.1f} ({v / d:.2f}×)")
         out(f"| {label} | " + " | ".join(cells) + " |")
     out(f"\n(medians of {ROUNDS} rounds; cold = a new, empty Cratere cache; warm = the same Cratere right after)")
+
+
+def metric(port, name):
+    """A series of Cratere's /metrics (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def bench_fresh():
+    """Freshness without waiting: cold resolves with and without dependency prefetch, and warm
+    fetches within and after the index TTL (stale-while-revalidate), against going direct."""
+    out("\n### Freshness: prefetch and stale-while-revalidate, ~550-package project (s)\n")
+    ttl = 20
+    rows = {k: [] for k in ["lock direct", "lock cold", "lock cold no-prefetch", "fetch direct",
+                            "fetch warm", "fetch warm after TTL"]}
+    waste = []
+    runs = CargoRuns("fresh")
+    home, fetch, lock = runs.home, runs.fetch, runs.lock
+
+    for r in range(ROUNDS):
+        port, off = 18210 + 2 * r, 18211 + 2 * r
+        order = ["direct", "cratere", "off"] if r % 2 == 0 else ["off", "cratere", "direct"]
+        for who in order:
+            if who == "direct":
+                rows["lock direct"].append(lock(home()))
+                rows["fetch direct"].append(fetch(home()))
+            elif who == "off":
+                p = cratere(f"fresh-off-{r}", off, {"CRATERE_INDEX_PREFETCH": "false"})
+                rows["lock cold no-prefetch"].append(lock(home(f"sparse+http://127.0.0.1:{off}/index/")))
+                stop(p)
+            else:
+                p = cratere(f"fresh-{r}", port, {"CRATERE_INDEX_TTL": f"{ttl}s"})
+                reg = f"sparse+http://127.0.0.1:{port}/index/"
+                rows["lock cold"].append(lock(home(reg)))
+                prefetched = metric(port, "cratere_index_prefetched_total")
+                used = metric(port, "cratere_index_prefetch_used_total")
+                waste.append((prefetched, used))
+                fetch(home(reg))  # brings the crates into the cache
+                t0 = time.monotonic()
+                rows["fetch warm"].append(fetch(home(reg)))
+                # Past the TTL of every index file (the last ones were confirmed by the cold
+                # fetch before t0), so each is answered stale-while-revalidate.
+                time.sleep(max(0.0, ttl + 2 - (time.monotonic() - t0)))
+                rows["fetch warm after TTL"].append(fetch(home(reg)))
+                stop(p)
+    out("| command | direct to upstream | Cratere | Cratere, prefetch off |")
+    out("| --- | --- | --- | --- |")
+    d = med(rows["lock direct"])
+    c, o = med(rows["lock cold"]), med(rows["lock cold no-prefetch"])
+    out(f"| cold `cargo generate-lockfile` | {d:.2f} | {c:.2f} ({c / d:.2f}×) | {o:.2f} ({o / d:.2f}×) |")
+    d = med(rows["fetch direct"])
+    w, a = med(rows["fetch warm"]), med(rows["fetch warm after TTL"])
+    out(f"| warm `cargo fetch --locked`, within the TTL | {d:.2f} | {w:.2f} ({w / d:.2f}×) | |")
+    out(f"| warm `cargo fetch --locked`, after the TTL ({ttl} s) | {d:.2f} | {a:.2f} ({a / d:.2f}×; {a / w:.2f}× within) | |")
+    for i, (p_, u) in enumerate(waste):
+        unused = p_ - u
+        share = unused / p_ if p_ else 0.0
+        out(f"\nRound {i + 1}: prefetched {p_:.0f} index files during the cold resolve, cargo then "
+            f"asked for {u:.0f}; unused {unused:.0f} ({share:.0%} of the prefetched).")
+    out(f"\n(medians of {ROUNDS} rounds; fresh CARGO_HOME each run; contenders alternated)")
 
 
 def bench_git(pkgs):
@@ -439,6 +513,10 @@ def bench_git(pkgs):
 
 
 def main():
+    if ONLY == "fresh":
+        out(f"## Results ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, ROUNDS={ROUNDS})")
+        bench_fresh()
+        return
     pkgs = packages()
     out(f"## Results ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, SECS={SECS}, ROUNDS={ROUNDS})")
     main_proc = setup_main()
@@ -470,6 +548,8 @@ def main():
         bench_cargo()
     if want("git"):
         bench_git(pkgs)
+    if want("fresh"):
+        bench_fresh()
 
 
 try:
