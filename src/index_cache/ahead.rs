@@ -32,8 +32,9 @@ const TRACKED: u64 = 100_000;
 pub(super) struct Ahead {
     /// When a client last asked for each file (by the injected clock).
     recent: moka::sync::Cache<IndexKey, SystemTime>,
-    /// Files prefetched and not asked for by a client yet.
-    prefetched: moka::sync::Cache<IndexKey, ()>,
+    /// Files claimed by a prefetch (`false`) or fetched by one (`true`), not asked for by a
+    /// client yet.
+    prefetched: moka::sync::Cache<IndexKey, bool>,
     /// `CRATERE_INDEX_PREFETCH`.
     prefetch: bool,
     /// Bounds on background requests in flight, per kind.
@@ -72,7 +73,7 @@ impl IndexCache {
         }) {
             self.ahead.recent.insert(key.clone(), now);
         }
-        if self.ahead.prefetch && self.ahead.prefetched.remove(key).is_some() {
+        if self.ahead.prefetch && self.ahead.prefetched.remove(key) == Some(true) {
             self.metrics.index_prefetch_used();
         }
     }
@@ -131,7 +132,7 @@ impl IndexCache {
             if self.memory.contains_key(&key) || self.ahead.prefetched.contains_key(&key) {
                 continue;
             }
-            self.ahead.prefetched.insert(key.clone(), ());
+            self.ahead.prefetched.insert(key.clone(), false);
             let this = self.clone();
             tokio::spawn(async move {
                 if this.memory_or_disk(&key).await.is_some() {
@@ -141,8 +142,17 @@ impl IndexCache {
                 let Ok(_slot) = this.ahead.prefetch_slots.clone().acquire_owned().await else {
                     return;
                 };
+                // A client may have fetched it while this waited for a slot.
+                if this.memory.contains_key(&key) {
+                    this.ahead.prefetched.invalidate(&key);
+                    return;
+                }
                 let (flight, joined) = this.refresh(&key, Some(Background::Prefetch));
-                if !joined {
+                if joined {
+                    // A client's fetch (or another refresh) got there first: not ours.
+                    this.ahead.prefetched.invalidate(&key);
+                } else {
+                    this.ahead.prefetched.insert(key.clone(), true);
                     this.metrics.index_prefetched();
                 }
                 flight.await;
