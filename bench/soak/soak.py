@@ -9,7 +9,8 @@ repository as the git index upstream), for SOAK_SECS (default 1800) of mixed loa
   changed index files (the index TTL is short, so files are revalidated all the time);
 - `cargo search` requests, and a `git clone` of the git index every 20 s while the upstream
   repository gains a commit every minute (synced each minute);
-- hostile clients: connections that send nothing, and half a request head.
+- hostile clients: connections that send nothing, and half a request head;
+- a cache cleanup every minute with a size cap below what the run downloads.
 
 Upstream faults on a schedule, repeating every 60 s: 0–35 s healthy, 35–45 s every answer
 `503`, 45–50 s no answer at all (hang), 50–55 s crate bodies cut off half-way, 55–60 s bodies
@@ -21,7 +22,7 @@ honest failure during a fault: any 200 must carry exactly the right bytes (sha25
 from 20 s after a fault window ends (the breaker's probe has brought upstream back by then)
 until the next one, every request must succeed. It prints a Markdown report and fails when memory or descriptors grow: the last
 quarter's peak RSS and descriptors may exceed the second quarter's by at most 20 %, and after
-40 s idle descriptors and child processes must be back to their level before the load.
+70 s idle descriptors and child processes must be back to their level before the load.
 """
 
 import hashlib
@@ -326,6 +327,21 @@ def hostile(port):
         TALLY.add("hostile", "ok")
 
 
+def fd_kinds(pid):
+    """Open descriptors by kind: socket, crate file, other file, pipe, ..."""
+    kinds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = ("socket" if target.startswith("socket:") else "pipe" if target.startswith("pipe:")
+                else "crate file" if target.endswith(".crate") else "anon" if target.startswith("anon_inode")
+                else "file")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def proc_stats(pid):
     status = Path(f"/proc/{pid}/status").read_text()
     rss = next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS"))
@@ -369,6 +385,10 @@ def main():
                CRATERE_UPSTREAM_BACKOFF="1s",
                CRATERE_HEADER_READ_TIMEOUT="3s",
                CRATERE_LOG_FORMAT="json",
+               # The cache lifecycle runs too: a cleanup every minute keeps the cache under
+               # 150 MB (about half of what the run downloads), so crates come and go.
+               CRATERE_CLEANUP_CACHE_SCHEDULE="* * * * *",
+               CRATERE_MAX_CACHE_SIZE="150MB",
                RUST_LOG="warn")
     log = open(W / "cratere.log", "w")
     server = subprocess.Popen([str(BIN)], env=env, stdout=log, stderr=log)
@@ -409,19 +429,20 @@ def main():
                   f"conns {s[9]}  fault {s[8]}", flush=True)
     finally:
         STOP.set()
-        # Idle for longer than the hot-file cache keeps descriptors (30 s), so that what is
-        # left open is what leaked.
-        time.sleep(40)
+        # Idle for longer than hot crate files stay open (30 s) and idle upstream connections
+        # stay pooled (60 s), so that what is left open is what leaked.
+        time.sleep(70)
         # A scheduled sync may be running git right now: the least of a few looks.
         looks = []
         for _ in range(5):
             looks.append(proc_stats(server.pid))
             time.sleep(1)
         rss, fds, nthreads, children = min(looks, key=lambda s: (s[3], s[1]))
+        kinds = fd_kinds(server.pid)
         server.terminate()
         code = server.wait(timeout=60)
         up.shutdown()
-    report(samples, baseline, (rss, fds, nthreads, children), code)
+    report(samples, baseline, (rss, fds, nthreads, children, kinds), code)
 
 
 def report(samples, baseline, end, exit_code):
@@ -455,9 +476,10 @@ def report(samples, baseline, end, exit_code):
         out(f"| {k} | {o} | {v} |")
     out("")
     out(f"Before the load: RSS {baseline[0] / 1024:.1f} MiB, {baseline[1]} fds, {baseline[2]} "
-        f"threads, {baseline[3]} child processes. After it (40 s idle, past the 30 s for which "
-        f"hot crate files stay open): RSS {end[0] / 1024:.1f} MiB, {end[1]} fds, {end[2]} threads, "
-        f"{end[3]} child processes. Exit code after SIGTERM: {exit_code}.")
+        f"threads, {baseline[3]} child processes. After it (70 s idle, past the 30 s for which "
+        f"hot crate files stay open and the 60 s idle upstream connections stay pooled): RSS "
+        f"{end[0] / 1024:.1f} MiB, {end[1]} fds ({end[4]}), {end[2]} threads, {end[3]} child "
+        f"processes. Exit code after SIGTERM: {exit_code}.")
     out(f"Peaks, second quarter vs last quarter: RSS {peak2 / 1024:.1f} vs {peak4 / 1024:.1f} MiB, "
         f"descriptors {fds2} vs {fds4} (under load, hot crate files stay open for sendfile: "
         f"up to 1,024).")
