@@ -7,7 +7,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::cargo::{cargo, cargo_home, package_crates, publish_packaged, write_app_project};
+use common::cargo::{
+    assert_ok, cargo, cargo_home, package_crates, publish_packaged, write_app_project,
+};
 use common::{FakeUpstream, Fault, Proxy, Target, index_path};
 use cratere::clock::FakeClock;
 
@@ -125,22 +127,14 @@ async fn cargo_resolves_from_a_stale_cache_while_upstream_holds_every_answer() {
         tokio::task::spawn_blocking(move || cargo(&p, &h, &["generate-lockfile"]))
     };
     let out = lockfile("home1").await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out, "cargo");
 
     // Every file is past its TTL and upstream answers nothing until released: cargo (a
     // fresh CARGO_HOME) still resolves, from the copies, without waiting.
     clock.advance(TTL + Duration::from_secs(1));
     up.set_fault(Target::Index, Fault::GateAll);
     let out = lockfile("home2").await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out, "cargo");
     assert_eq!(
         proxy
             .metric(
@@ -217,11 +211,7 @@ async fn prefetch_fills_the_next_levels_for_cargo_with_one_upstream_request_per_
     let out = tokio::task::spawn_blocking(move || cargo(&project, &home, &["generate-lockfile"]))
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out, "cargo");
     for name in ["top", "mid", "tool", "leaf"] {
         assert_eq!(
             index_hits(&up, name),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::cargo::{dep, package_crates, write};
+use common::cargo::{assert_ok, dep, package_crates, write};
 use common::{FakeUpstream, Proxy, client, index_path, wait_until};
 use cratere::config::{AlternateHosts, HostPort};
 use cratere::git::{GitIndex, SyncStatus, config_json};
@@ -167,14 +167,6 @@ async fn cargo(project: &Path, home: &Path, git_cli: bool, args: &[&str]) -> Out
         .output()
         .await
         .unwrap()
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -290,6 +290,15 @@ impl IndexCache {
         let this = self.clone();
         self.flights.start_or_join(key.clone(), move || async move {
             let res = refresh(store, upstream, k.clone(), clock).await;
+            // The memory layer first: once the metrics say a refresh landed, it has.
+            match &res {
+                Ok(Refreshed::Found { entry, .. }) => memory.insert(k.clone(), entry.clone()),
+                Ok(Refreshed::NotFound(Some(tombstone))) => {
+                    memory.insert(k.clone(), tombstone.clone())
+                }
+                Ok(Refreshed::NotFound(None)) => memory.invalidate(&k),
+                Err(_) => {}
+            }
             let changed = matches!(&res, Ok(Refreshed::Found { changed: true, .. }));
             if let Some(why) = background {
                 this.metrics
@@ -299,12 +308,6 @@ impl IndexCache {
                 (changed, &k, &res)
             {
                 this.prefetch_dependencies(path, &entry.body);
-            }
-            match &res {
-                Ok(Refreshed::Found { entry, .. }) => memory.insert(k, entry.clone()),
-                Ok(Refreshed::NotFound(Some(tombstone))) => memory.insert(k, tombstone.clone()),
-                Ok(Refreshed::NotFound(None)) => memory.invalidate(&k),
-                Err(_) => {}
             }
             res
         })

@@ -150,3 +150,12 @@ pub fn write_app_project(project: &Path) {
         "fn main() { println!(\"{}\", beta::two() + Mixed_Case::three()); }\n",
     );
 }
+
+/// Fails with the command's stderr unless it succeeded.
+pub fn assert_ok(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
