@@ -17,7 +17,8 @@ Upstream faults on a schedule, repeating every 60 s: 0–35 s healthy, 35–45 s
 trickled slowly.
 
 Every 10 s it samples the server's RSS, open descriptors, threads and child processes (git),
-and the clients' outcomes. A client outcome is an error when it is wrong, not when it is an
+and the clients' outcomes. Memory is the anonymous RSS (`RssAnon`): mapped crate files are page
+cache, not the process's own memory. A client outcome is an error when it is wrong, not when it is an
 honest failure during a fault: any 200 must carry exactly the right bytes (sha256 checked);
 from 20 s after a fault window ends (the breaker's probe has brought upstream back by then)
 until the next one, every request must succeed. It prints a Markdown report and fails when memory or descriptors grow: the last
@@ -344,7 +345,9 @@ def fd_kinds(pid):
 
 def proc_stats(pid):
     status = Path(f"/proc/{pid}/status").read_text()
-    rss = next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS"))
+    # Anonymous memory only: file-backed pages (the hot crate files mapped for sendfile, up
+    # to 1,024 of them) are page cache, counted in VmRSS but not the process's to leak.
+    rss = next(int(l.split()[1]) for l in status.splitlines() if l.startswith("RssAnon"))
     threads = next(int(l.split()[1]) for l in status.splitlines() if l.startswith("Threads"))
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
@@ -424,7 +427,7 @@ def main():
             samples.append((now(), rss, fds, nthreads, children, done - prev_done, ok - prev_ok,
                             nerr, fault_at(now()), conns))
             s = samples[-1]
-            print(f"{s[0]:7.0f} s  rss {s[1] / 1024:6.1f} MiB  fds {s[2]:4d}  threads {s[3]:3d}  "
+            print(f"{s[0]:7.0f} s  anon rss {s[1] / 1024:6.1f} MiB  fds {s[2]:4d}  threads {s[3]:3d}  "
                   f"children {s[4]:2d}  requests {s[5]:5d} (ok {s[6]:5d})  errors {s[7]}  "
                   f"conns {s[9]}  fault {s[8]}", flush=True)
     finally:
@@ -458,7 +461,7 @@ def report(samples, baseline, end, exit_code):
     out = lines.append
     out(f"Soak run: {SECS} s, sampled every {SAMPLE} s.")
     out("")
-    out("| minute | RSS MiB (max) | open fds (max) | threads (max) | git children (max) | requests | ok |")
+    out("| minute | anonymous RSS MiB (max) | open fds (max) | threads (max) | git children (max) | requests | ok |")
     out("| --- | --- | --- | --- | --- | --- | --- |")
     by_minute = {}
     for s in samples:
