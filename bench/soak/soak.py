@@ -442,6 +442,10 @@ def main():
             time.sleep(1)
         rss, fds, nthreads, children = min(looks, key=lambda s: (s[3], s[1]))
         kinds = fd_kinds(server.pid)
+        # Which sockets are still open, and to where (for a leak to be told from a pool).
+        sockets = subprocess.run(["ss", "-tanpH"], capture_output=True, text=True).stdout
+        (W / "sockets-after.txt").write_text(
+            "".join(l + "\n" for l in sockets.splitlines() if f"pid={server.pid}," in l))
         server.terminate()
         code = server.wait(timeout=60)
         up.shutdown()
