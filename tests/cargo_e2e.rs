@@ -6,17 +6,13 @@ mod common;
 
 use std::process::Command;
 
-use common::cargo::{cargo, cargo_home, package_crates, publish_packaged, write_app_project};
-use common::{FakeUpstream, Proxy};
+use common::Proxy;
+use common::cargo::{cargo, cargo_home, packaged_app};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cargo_fetches_and_builds_through_the_proxy_and_again_with_upstream_down() {
     let work = tempfile::tempdir().unwrap();
-    let crates = package_crates(&work.path().join("src-crates"));
-    let up = FakeUpstream::start().await;
-    publish_packaged(&up, &crates);
-    let project = work.path().join("app");
-    write_app_project(&project);
+    let (crates, up, project) = packaged_app(work.path()).await;
 
     let data = work.path().join("proxy-data");
     std::fs::create_dir_all(&data).unwrap();

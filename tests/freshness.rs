@@ -7,9 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::cargo::{
-    assert_ok, cargo, cargo_home, package_crates, publish_packaged, write_app_project,
-};
+use common::cargo::{assert_ok, cargo, cargo_home, packaged_app};
 use common::{FakeUpstream, Fault, Proxy, Target, index_path};
 use cratere::clock::FakeClock;
 
@@ -113,11 +111,7 @@ async fn past_the_max_stale_bound_and_for_unlisted_versions_the_client_waits_for
 #[tokio::test(flavor = "multi_thread")]
 async fn cargo_resolves_from_a_stale_cache_while_upstream_holds_every_answer() {
     let work = tempfile::tempdir().unwrap();
-    let crates = package_crates(&work.path().join("src-crates"));
-    let up = FakeUpstream::start().await;
-    publish_packaged(&up, &crates);
-    let project = work.path().join("app");
-    write_app_project(&project);
+    let (_crates, up, project) = packaged_app(work.path()).await;
     let (proxy, clock) = proxy_with_clock(&up, &work.path().join("data")).await;
     let lockfile = |home: &str| {
         let (p, h) = (

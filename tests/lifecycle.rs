@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use common::cargo::{
-    cargo, cargo_home, cargo_home_for_index, package_crates, publish_packaged, write_app_project,
-};
+use common::cargo::{cargo, cargo_home, cargo_home_for_index, packaged_app};
 use common::{FakeUpstream, Fault, Proxy, Target, body_of, index_path, sha256_hex, wait_until};
 use cratere::cleanup::{FileKind, Outcome, Pass, Reason};
 use cratere::clock::{Clock, FakeClock, days};
@@ -516,11 +514,7 @@ fn lockfile(packages: &[(&str, &str, String)]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_then_an_offline_proxy_serves_cargo_fetch() {
     let work = tempfile::tempdir().unwrap();
-    let crates = package_crates(&work.path().join("src-crates"));
-    let up = FakeUpstream::start().await;
-    publish_packaged(&up, &crates);
-    let project = work.path().join("app");
-    write_app_project(&project);
+    let (crates, up, project) = packaged_app(work.path()).await;
     // The lockfile, made by cargo straight from the (fake) registry.
     let out = tokio::task::spawn_blocking({
         let (p, h) = (

@@ -159,3 +159,20 @@ pub fn assert_ok(out: &std::process::Output, what: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The crates of [`package_crates`] (built under `work/src-crates`) published on a new fake
+/// upstream, and the project of [`write_app_project`] at `work/app` that uses them.
+pub async fn packaged_app(
+    work: &Path,
+) -> (
+    Vec<(String, String, Bytes)>,
+    FakeUpstream,
+    std::path::PathBuf,
+) {
+    let crates = package_crates(&work.join("src-crates"));
+    let up = FakeUpstream::start().await;
+    publish_packaged(&up, &crates);
+    let project = work.join("app");
+    write_app_project(&project);
+    (crates, up, project)
+}
