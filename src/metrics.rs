@@ -2,10 +2,9 @@
 //! the few live figures the status page shows. Labels never carry crate names: their
 //! cardinality would be unbounded.
 
-use std::collections::VecDeque;
 use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -107,14 +106,86 @@ struct SourceLabels {
     source: &'static str,
 }
 
-/// Requests per minute over the last hour, for the status page chart.
-#[derive(Debug, Default)]
+/// Requests per minute over the last hour, for the status page chart: one slot per minute of
+/// the hour, each an atomic holding the minute it counts (high bits) and its count (low bits).
+/// A request bumps its minute's slot with one compare-and-swap: no lock, no allocation.
 struct Traffic {
-    /// (minute since the epoch, requests, cache hits)
-    minutes: VecDeque<(u64, u64, u64)>,
+    requests: [AtomicU64; TRAFFIC_MINUTES as usize],
+    hits: [AtomicU64; TRAFFIC_MINUTES as usize],
 }
 
 const TRAFFIC_MINUTES: u64 = 60;
+/// Low bits of a traffic slot: the count.
+const COUNT_BITS: u32 = 40;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+
+impl Traffic {
+    fn new() -> Traffic {
+        Traffic {
+            requests: [const { AtomicU64::new(0) }; TRAFFIC_MINUTES as usize],
+            hits: [const { AtomicU64::new(0) }; TRAFFIC_MINUTES as usize],
+        }
+    }
+
+    /// The stamp of `minute` in a slot's high bits (the minute modulo 2^24: unique within
+    /// 31 years, and only ever compared within the hour).
+    fn stamp(minute: u64) -> u64 {
+        (minute & ((1 << (64 - COUNT_BITS)) - 1)) << COUNT_BITS
+    }
+
+    fn bump(slots: &[AtomicU64], minute: u64) {
+        let slot = &slots[(minute % TRAFFIC_MINUTES) as usize];
+        let stamp = Self::stamp(minute);
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            // A slot still holding an older minute starts over at 1.
+            let next = if cur & !COUNT_MASK == stamp {
+                cur + 1
+            } else {
+                stamp | 1
+            };
+            match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn count(slots: &[AtomicU64], minute: u64) -> u64 {
+        let v = slots[(minute % TRAFFIC_MINUTES) as usize].load(Ordering::Relaxed);
+        if v & !COUNT_MASK == Self::stamp(minute) {
+            v & COUNT_MASK
+        } else {
+            0
+        }
+    }
+}
+
+/// The routes whose requests are counted without a look-up in the labelled family: the
+/// ones every cargo run hits. Others go through the family (a lock and a label).
+const HOT_ROUTES: [&str; 3] = [
+    "/index/{*path}",
+    "/api/v1/crates/{crate}/{version}/download",
+    "/index/config.json",
+];
+const HOT_STATUSES: [u16; 3] = [200, 304, 404];
+
+/// Counters of a labelled family resolved once, on first use (so a series still appears only
+/// once it has counted something), then bumped with no lock and no label built.
+struct Resolved<const N: usize>([OnceLock<Counter>; N]);
+
+impl<const N: usize> Resolved<N> {
+    fn new() -> Self {
+        Resolved([const { OnceLock::new() }; N])
+    }
+
+    fn get(&self, i: usize, resolve: impl FnOnce() -> Counter) -> &Counter {
+        self.0[i].get_or_init(resolve)
+    }
+}
+
+const KINDS: usize = 3;
+const OUTCOMES: usize = 5;
 
 /// The last git index sync, refreshed from the mirror's status at each scrape.
 #[derive(Default)]
@@ -187,7 +258,11 @@ pub struct Metrics {
     last_upstream_ok: AtomicI64,
     last_upstream_error: AtomicI64,
     last_upstream_error_text: Mutex<String>,
-    traffic: Mutex<Traffic>,
+    traffic: Traffic,
+    hot_cache: Resolved<{ KINDS * OUTCOMES }>,
+    hot_requests: Resolved<{ HOT_ROUTES.len() * HOT_STATUSES.len() }>,
+    hot_versions: Resolved<4>,
+    hot_bytes: Resolved<2>,
     started: SystemTime,
     scans: AtomicU64,
 }
@@ -440,7 +515,11 @@ impl Metrics {
             last_upstream_ok: AtomicI64::new(0),
             last_upstream_error: AtomicI64::new(0),
             last_upstream_error_text: Mutex::new(String::new()),
-            traffic: Mutex::default(),
+            traffic: Traffic::new(),
+            hot_cache: Resolved::new(),
+            hot_requests: Resolved::new(),
+            hot_versions: Resolved::new(),
+            hot_bytes: Resolved::new(),
             started: SystemTime::now(),
             scans: AtomicU64::new(0),
         }
@@ -480,8 +559,12 @@ impl Metrics {
     }
 
     pub fn cache(&self, kind: Kind, outcome: Outcome) {
-        self.cache
-            .get_or_create(&CacheLabels { kind, outcome })
+        self.hot_cache
+            .get(kind as usize * OUTCOMES + outcome as usize, || {
+                self.cache
+                    .get_or_create(&CacheLabels { kind, outcome })
+                    .clone()
+            })
             .inc();
     }
 
@@ -497,61 +580,74 @@ impl Metrics {
 
     /// The protocol version of a request.
     pub fn request_version(&self, version: &'static str) {
-        self.versions
-            .get_or_create(&VersionLabels { version })
+        let i = match version {
+            "HTTP/1.1" => 0,
+            "HTTP/2.0" => 1,
+            "HTTP/1.0" => 2,
+            _ => 3,
+        };
+        self.hot_versions
+            .get(i, || {
+                self.versions
+                    .get_or_create(&VersionLabels { version })
+                    .clone()
+            })
             .inc();
     }
 
     /// One finished HTTP request.
     pub fn request(&self, route: &str, status: u16, hit: bool) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_string(),
-                status,
-            })
-            .inc();
+        let hot = HOT_ROUTES
+            .iter()
+            .position(|r| *r == route)
+            .zip(HOT_STATUSES.iter().position(|s| *s == status));
+        let family = || {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    route: route.to_string(),
+                    status,
+                })
+                .clone()
+        };
+        match hot {
+            Some((r, s)) => self
+                .hot_requests
+                .get(r * HOT_STATUSES.len() + s, family)
+                .inc(),
+            None => family().inc(),
+        };
         let minute = unix_now() as u64 / 60;
-        let mut t = self.traffic.lock().expect("lock poisoned");
-        match t.minutes.back_mut() {
-            Some((m, n, h)) if *m == minute => {
-                *n += 1;
-                *h += hit as u64;
-            }
-            _ => t.minutes.push_back((minute, 1, hit as u64)),
-        }
-        while t
-            .minutes
-            .front()
-            .is_some_and(|(m, _, _)| *m + TRAFFIC_MINUTES <= minute)
-        {
-            t.minutes.pop_front();
+        Traffic::bump(&self.traffic.requests, minute);
+        if hit {
+            Traffic::bump(&self.traffic.hits, minute);
         }
     }
 
     /// Requests and cache hits per minute for the last hour, oldest first, zeros filled in.
     pub fn traffic(&self) -> Vec<(u64, u64)> {
         let now = unix_now() as u64 / 60;
-        let t = self.traffic.lock().expect("lock poisoned");
         (now + 1 - TRAFFIC_MINUTES..=now)
             .map(|m| {
-                t.minutes
-                    .iter()
-                    .find(|(mm, _, _)| *mm == m)
-                    .map_or((0, 0), |(_, n, h)| (*n, *h))
+                (
+                    Traffic::count(&self.traffic.requests, m),
+                    Traffic::count(&self.traffic.hits, m),
+                )
             })
             .collect()
     }
 
+    fn bytes_counter(&self, source: &'static str) -> &Counter {
+        self.hot_bytes.get(usize::from(source == "upstream"), || {
+            self.bytes.get_or_create(&SourceLabels { source }).clone()
+        })
+    }
+
     pub fn served_from_cache(&self, n: u64) {
-        self.bytes
-            .get_or_create(&SourceLabels { source: "cache" })
-            .inc_by(n);
+        self.bytes_counter("cache").inc_by(n);
     }
 
     pub fn fetched_from_upstream(&self, n: u64) {
-        self.bytes
-            .get_or_create(&SourceLabels { source: "upstream" })
-            .inc_by(n);
+        self.bytes_counter("upstream").inc_by(n);
     }
 
     pub fn bytes_served_from_cache(&self) -> u64 {
@@ -720,5 +816,46 @@ mod tests {
         let t = m.traffic();
         assert_eq!(t.len(), 60);
         assert_eq!(t[59], (1, 1));
+    }
+
+    #[test]
+    fn traffic_slots_start_over_when_their_minute_comes_round_again() {
+        let t = Traffic::new();
+        Traffic::bump(&t.requests, 100);
+        Traffic::bump(&t.requests, 100);
+        assert_eq!(Traffic::count(&t.requests, 100), 2);
+        // The same slot an hour later: the old count is not carried over, nor read back.
+        assert_eq!(Traffic::count(&t.requests, 160), 0);
+        Traffic::bump(&t.requests, 160);
+        assert_eq!(Traffic::count(&t.requests, 160), 1);
+        assert_eq!(Traffic::count(&t.requests, 100), 0);
+    }
+
+    #[test]
+    fn hot_and_other_routes_count_in_the_same_series() {
+        let m = Metrics::new();
+        m.request("/index/{*path}", 200, true);
+        m.request("/index/{*path}", 200, false);
+        m.request("/index/{*path}", 503, false);
+        m.request("/health", 200, false);
+        m.request_version("HTTP/2.0");
+        m.served_from_cache(5);
+        m.fetched_from_upstream(7);
+        let text = m.encode();
+        for needle in [
+            "cratere_http_requests_total{route=\"/index/{*path}\",status=\"200\"} 2",
+            "cratere_http_requests_total{route=\"/index/{*path}\",status=\"503\"} 1",
+            "cratere_http_requests_total{route=\"/health\",status=\"200\"} 1",
+            "cratere_http_requests_by_version_total{version=\"HTTP/2.0\"} 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+        assert!(
+            !text.contains("status=\"304\""),
+            "no series before its first count"
+        );
+        assert_eq!(m.bytes_served_from_cache(), 5);
+        assert_eq!(m.bytes_fetched_from_upstream(), 7);
+        assert_eq!(m.traffic()[59], (4, 1));
     }
 }

@@ -17,7 +17,18 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use super::CACHE_HEADER;
 use crate::metrics::Metrics;
 
+/// The cache outcomes routes put in [`CACHE_HEADER`], kept as static strings (no copy).
+const CACHE_LABELS: [&str; 5] = [
+    "hit",
+    "miss",
+    "revalidated",
+    "stale",
+    "stale-while-revalidate",
+];
+
 /// Middleware: counts the request in the metrics and logs one access line when its body ends.
+/// Nothing here allocates beyond the body wrapper unless the access log is on (then the path
+/// is kept for the line).
 pub async fn access_log(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
@@ -28,20 +39,20 @@ pub async fn access_log(State(metrics): State<Arc<Metrics>>, req: Request, next:
         _ => "HTTP/1.1",
     };
     metrics.request_version(version);
-    let path = req.uri().path().to_string();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |m| m.as_str())
-        .to_string();
+    let path = tracing::enabled!(target: "cratere::access", tracing::Level::INFO)
+        .then(|| req.uri().path().to_string());
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let cache = resp
         .headers()
         .get(CACHE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
+        .and_then(|v| {
+            CACHE_LABELS
+                .into_iter()
+                .find(|l| l.as_bytes() == v.as_bytes())
+        })
+        .unwrap_or("-");
     let expected = resp
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -51,7 +62,7 @@ pub async fn access_log(State(metrics): State<Arc<Metrics>>, req: Request, next:
         expected,
         metrics,
         start,
-        method: method.to_string(),
+        method,
         version,
         path,
         route,
@@ -74,12 +85,13 @@ struct AccessRecord {
     /// Content-Length, when the response has one.
     expected: Option<u64>,
     start: Instant,
-    method: String,
+    method: axum::http::Method,
     version: &'static str,
-    path: String,
-    route: String,
+    /// Only when the access log is on.
+    path: Option<String>,
+    route: Option<MatchedPath>,
     status: u16,
-    cache: String,
+    cache: &'static str,
     bytes: u64,
     complete: bool,
 }
@@ -87,7 +99,8 @@ struct AccessRecord {
 impl AccessRecord {
     fn finish(self) {
         let hit = self.cache == "hit";
-        self.metrics.request(&self.route, self.status, hit);
+        let route = self.route.as_ref().map_or("unmatched", |m| m.as_str());
+        self.metrics.request(route, self.status, hit);
         if hit || self.cache == "stale" || self.cache == "revalidated" {
             self.metrics.served_from_cache(self.bytes);
         }
@@ -95,11 +108,11 @@ impl AccessRecord {
             target: "cratere::access",
             method = %self.method,
             version = self.version,
-            path = %self.path,
+            path = self.path.as_deref().unwrap_or("-"),
             status = self.status,
             bytes = self.bytes,
             duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
-            cache = %self.cache,
+            cache = self.cache,
             complete = self.complete,
             "request"
         );
