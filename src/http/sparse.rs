@@ -57,8 +57,8 @@ async fn index_file(
     };
     st.core.metrics.cache(Kind::Index, outcome);
 
-    let etag = entry.etag();
-    let mut resp = if if_none_match(&headers, &etag) {
+    let etag = entry.etag.clone();
+    let mut resp = if if_none_match(&headers, etag.to_str().unwrap_or_default()) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         let mut r = entry.body.into_response();
@@ -67,10 +67,7 @@ async fn index_file(
         r
     };
     let h = resp.headers_mut();
-    h.insert(
-        header::ETAG,
-        HeaderValue::from_str(&etag).expect("hex etag"),
-    );
+    h.insert(header::ETAG, etag);
     h.insert(CACHE_HEADER, HeaderValue::from_static(label));
     if matches!(served, Served::Stale(_)) {
         h.insert(

@@ -12,6 +12,7 @@ mod ahead;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use axum::http::HeaderValue;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -59,9 +60,11 @@ struct Header {
 pub struct Entry {
     /// The bytes exactly as upstream sent them.
     pub body: Bytes,
-    /// Hex sha256 of `body`, the strong ETag served to clients.
-    pub sha256: String,
-    pub validators: Validators,
+    /// Hex sha256 of `body`.
+    pub sha256: Arc<str>,
+    /// The strong ETag served to clients: the sha256, quoted (made once, not per request).
+    pub etag: HeaderValue,
+    pub validators: Arc<Validators>,
     /// When upstream last confirmed these bytes (or, when `gone`, their absence).
     pub fetched: SystemTime,
     /// Upstream said the crate no longer exists. The copy is kept (a misconfigured upstream
@@ -70,8 +73,23 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn etag(&self) -> String {
-        format!("\"{}\"", self.sha256)
+    fn new(
+        body: Bytes,
+        sha256: String,
+        validators: Validators,
+        fetched: SystemTime,
+        gone: bool,
+    ) -> Entry {
+        let etag = HeaderValue::from_maybe_shared(Bytes::from(format!("\"{sha256}\"")))
+            .expect("a hex digest is a valid header value");
+        Entry {
+            body,
+            sha256: sha256.into(),
+            etag,
+            validators: Arc::new(validators),
+            fetched,
+            gone,
+        }
     }
 
     /// Time since upstream confirmed it. A time in the future (a clock that jumped back, a
@@ -365,22 +383,22 @@ async fn read_entry(store: &FsStore, key: &IndexKey) -> Option<Entry> {
         tracing::warn!(path = %path.display(), "ignoring a corrupt cached index file");
         return None;
     };
-    Some(Entry {
+    Some(Entry::new(
         body,
-        sha256: header.sha256,
-        validators: header.validators,
-        fetched: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-        gone: header.gone,
-    })
+        header.sha256,
+        header.validators,
+        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        header.gone,
+    ))
 }
 
 /// Writes an entry (header line + body) atomically.
 fn write_entry(store: &FsStore, key: &IndexKey, entry: &Entry) -> std::io::Result<()> {
     use std::io::Write;
     let header = Header {
-        sha256: entry.sha256.clone(),
+        sha256: entry.sha256.to_string(),
         len: entry.body.len() as u64,
-        validators: entry.validators.clone(),
+        validators: (*entry.validators).clone(),
         gone: entry.gone,
     };
     let mut tmp = store.temp_file()?;
@@ -446,19 +464,12 @@ async fn refresh(
             }
             let sha256 = sha256_hex(&body);
             match old {
-                Some(old) if !old.gone && old.sha256 == sha256 && old.validators == validators => {
+                Some(old)
+                    if !old.gone && *old.sha256 == *sha256 && *old.validators == validators =>
+                {
                     (old, false)
                 }
-                _ => (
-                    Entry {
-                        body,
-                        sha256,
-                        validators,
-                        fetched: now,
-                        gone: false,
-                    },
-                    true,
-                ),
+                _ => (Entry::new(body, sha256, validators, now, false), true),
             }
         }
     };
