@@ -86,11 +86,11 @@ pub fn read_at_blocking(file: &std::fs::File, pos: u64, want: usize) -> io::Resu
 /// [`READ_CHUNK`]. A file that ends early (truncated behind our back) is an error, never a
 /// short body that looks complete.
 pub fn stream_from(
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
     pos: u64,
     len: u64,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-    let state = (Arc::new(file), pos);
+    let state = (file, pos);
     futures_util::stream::try_unfold(state, move |(file, pos)| async move {
         if pos >= len {
             return Ok(None);
@@ -150,7 +150,7 @@ mod tests {
         let data: Vec<u8> = (0..(READ_CHUNK * 2 + 123)).map(|i| i as u8).collect();
         f.write_all(&data).unwrap();
         let len = data.len() as u64;
-        let chunks: Vec<Bytes> = stream_from(f.reopen().unwrap(), 7, len)
+        let chunks: Vec<Bytes> = stream_from(Arc::new(f.reopen().unwrap()), 7, len)
             .try_collect()
             .await
             .unwrap();
@@ -164,7 +164,8 @@ mod tests {
         f.write_all(&[1u8; 1000]).unwrap();
         let reader = f.reopen().unwrap();
         f.as_file().set_len(500).unwrap();
-        let got: io::Result<Vec<Bytes>> = stream_from(reader, 0, 1000).try_collect().await;
+        let got: io::Result<Vec<Bytes>> =
+            stream_from(Arc::new(reader), 0, 1000).try_collect().await;
         assert_eq!(got.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 

@@ -10,6 +10,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use tempfile::NamedTempFile;
@@ -124,14 +125,15 @@ impl FsStore {
 
     /// Opens `key` and reads its first `chunk` bytes in one blocking call: `None` when absent;
     /// else the file, its length and the bytes read (maybe fewer than asked). A file
-    /// that fits in one chunk is then served without further reads. With `map`, a file wholly
-    /// in the page cache comes back whole as a mapping for [`crate::sendfile`] instead.
+    /// that fits in one chunk is then served without further reads. A file wholly in the page
+    /// cache is kept open and mapped for the next hits ([`crate::sendfile::cached`]); with
+    /// `map`, it comes back whole as that mapping, for `sendfile`, instead of a first chunk.
     pub async fn open_with_head(
         &self,
         key: &str,
         chunk: usize,
         map: bool,
-    ) -> io::Result<Option<(std::fs::File, u64, bytes::Bytes)>> {
+    ) -> io::Result<Option<(Arc<std::fs::File>, u64, bytes::Bytes)>> {
         let path = self.path(key);
         tokio::task::spawn_blocking(move || {
             let f = match open_noatime(&path) {
@@ -140,19 +142,21 @@ impl FsStore {
                 Err(e) => return Err(e),
             };
             let len = f.metadata()?.len();
-            if map && let Some(mapped) = crate::sendfile::map_if_resident(&f, len) {
+            if let Some(mapped) = crate::sendfile::map_if_resident(&f, len) {
                 crate::sendfile::remember(path.clone(), &mapped);
                 // Removed or replaced since the open: this request still gets the bytes it
                 // opened, later ones must not.
                 if !same_file(&f, &path) {
                     crate::sendfile::forget(&path);
                 }
-                return Ok(Some((f, len, mapped.bytes())));
+                if map {
+                    return Ok(Some((mapped.file().0, len, mapped.bytes())));
+                }
             }
             let want = len.min(chunk as u64) as usize;
             // May be short (then the caller reads the rest from where it ends).
             let head = file_body::read_at_blocking(&f, 0, want)?;
-            Ok(Some((f, len, head)))
+            Ok(Some((Arc::new(f), len, head)))
         })
         .await
         .map_err(io::Error::other)?
@@ -260,8 +264,14 @@ impl FsStore {
         zero_copy: bool,
     ) -> io::Result<Option<StoredCrate>> {
         let rel = key.as_relative();
-        if zero_copy && let Some(whole) = crate::sendfile::cached(&self.path(&rel)) {
-            return Ok(Some(StoredCrate::from_head(whole, None)));
+        // A hot crate: its mapping for `sendfile`, or else its open file, read on this thread
+        // from the page cache (no open, no trip to the blocking pool).
+        if let Some(hot) = crate::sendfile::cached(&self.path(&rel)) {
+            return Ok(Some(if zero_copy {
+                StoredCrate::from_head(hot.bytes(), None)
+            } else {
+                StoredCrate::from_head(bytes::Bytes::new(), Some(hot.file()))
+            }));
         }
         Ok(self
             .open_with_head(&rel, READ_CHUNK, zero_copy)

@@ -54,7 +54,7 @@ enum StoredBody {
     File(tokio::fs::File),
     /// The first chunk, read together with the open (one blocking hop for most crates), and
     /// the file with its length when there is more (read by [`file_body`]).
-    Head(Bytes, Option<(std::fs::File, u64)>),
+    Head(Bytes, Option<(Arc<std::fs::File>, u64)>),
     Stream(BoxStream<'static, io::Result<Bytes>>),
 }
 
@@ -67,6 +67,9 @@ impl StoredCrate {
             }
             StoredBody::Head(head, None) => {
                 futures_util::stream::once(async move { Ok(head) }).boxed()
+            }
+            StoredBody::Head(head, Some((file, len))) if head.is_empty() => {
+                file_body::stream_from(file, 0, len).boxed()
             }
             StoredBody::Head(head, Some((file, len))) => {
                 let pos = head.len() as u64;
@@ -93,7 +96,7 @@ impl StoredCrate {
     }
 
     /// The first bytes, and the file to read the rest from (`None`: `head` is all of it).
-    fn from_head(head: Bytes, rest: Option<(std::fs::File, u64)>) -> StoredCrate {
+    fn from_head(head: Bytes, rest: Option<(Arc<std::fs::File>, u64)>) -> StoredCrate {
         let len = rest.as_ref().map_or(head.len() as u64, |(_, len)| *len);
         StoredCrate {
             len,
