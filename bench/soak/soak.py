@@ -5,8 +5,9 @@ The release binary against a local fake upstream (sparse index, downloads, web A
 repository as the git index upstream), for SOAK_SECS (default 1800) of mixed load:
 
 - cached crate downloads and index files (hits), from several client threads;
-- misses: every crate gains a version each minute, so there are always uncached crates and
-  changed index files (the index TTL is short, so files are revalidated all the time);
+- misses: every crate gains a version each minute (and loses its oldest, so the working set
+  stays the same size), so there are always uncached crates and changed index files (the
+  index TTL is short, so files are revalidated all the time);
 - `cargo search` requests, and a `git clone` of the git index every 20 s while the upstream
   repository gains a commit every minute (synced each minute);
 - hostile clients: connections that send nothing, and half a request head;
@@ -23,7 +24,7 @@ honest failure during a fault: any 200 must carry exactly the right bytes (sha25
 from 20 s after a fault window ends (the breaker's probe has brought upstream back by then)
 until the next one, every request must succeed. It prints a Markdown report and fails when memory or descriptors grow: the last
 quarter's peak RSS and descriptors may exceed the second quarter's by at most 20 %, and after
-70 s idle descriptors and child processes must be back to their level before the load.
+130 s idle descriptors and child processes must be back to their level before the load.
 """
 
 import hashlib
@@ -32,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import socketserver
 import subprocess
@@ -48,8 +50,10 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "target" / "release" / "cratere"
 SECS = int(os.environ.get("SOAK_SECS", "1800"))
 SAMPLE = 10
+IDLE = 130
 CRATES = 200
 FIRST_VERSIONS = 3
+WINDOW = 4
 W = Path(tempfile.mkdtemp(prefix="cratere-soak-"))
 START = time.monotonic()
 
@@ -86,8 +90,11 @@ NAMES = [f"soak{i:03d}" for i in range(CRATES)]
 
 
 def versions_of(name, t):
-    """Versions published by t seconds: FIRST_VERSIONS, plus one per minute."""
-    return [f"1.0.{v}" for v in range(FIRST_VERSIONS + int(t // 60))]
+    """Versions listed at t seconds: one more is published each minute and the oldest goes
+    (the index keeps WINDOW lines), so the data a client can ask for stays the same size:
+    memory that grows over the run is then a leak, not more data."""
+    n = FIRST_VERSIONS + int(t // 60)
+    return [f"1.0.{v}" for v in range(max(0, n - WINDOW), n)]
 
 
 _bodies = {}
@@ -277,7 +284,7 @@ def client(base, seed):
         roll = rng.random()
         if roll < 0.55:
             # Mostly old versions (hits), sometimes the newest (a miss once a minute).
-            vers = vs[-1] if rng.random() < 0.1 else rng.choice(vs[:FIRST_VERSIONS])
+            vers = vs[-1] if rng.random() < 0.1 else rng.choice(vs[:-1])
             want = crate_body(name, vers)[1]
             judge("crate", f"{base}/api/v1/crates/{name}/{vers}/download",
                   lambda b: hashlib.sha256(b).hexdigest() == want, t)
@@ -354,6 +361,22 @@ def proc_stats(pid):
     return rss, fds, threads, len(children)
 
 
+def server_pid(server, wrap):
+    """The server's own pid: under SOAK_WRAP, the descendant running the binary."""
+    if not wrap:
+        return server.pid
+    for _ in range(100):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.readlink(f"/proc/{entry}/exe") == str(BIN):
+                        return int(entry)
+                except OSError:
+                    pass
+        time.sleep(0.1)
+    raise SystemExit(f"soak: no process runs {BIN} under {wrap}")
+
+
 def metric(base, name):
     try:
         _, body = fetch(f"{base}/metrics", timeout=10)
@@ -394,15 +417,19 @@ def main():
                CRATERE_MAX_CACHE_SIZE="150MB",
                RUST_LOG="warn")
     log = open(W / "cratere.log", "w")
-    server = subprocess.Popen([str(BIN)], env=env, stdout=log, stderr=log)
+    # SOAK_WRAP runs the server under a tool, e.g. SOAK_WRAP="heaptrack -o /tmp/soak" (the pid
+    # sampled is then the tool's child, the server itself).
+    wrap = os.environ.get("SOAK_WRAP", "").split()
+    server = subprocess.Popen([*wrap, str(BIN)], env=env, stdout=log, stderr=log)
     for _ in range(300):
         try:
             fetch(f"{base}/health", timeout=2)
             break
         except Exception:  # noqa: BLE001
             time.sleep(0.1)
-    baseline = proc_stats(server.pid)
-    print(f"soak: {SECS} s, work dir {W}, cratere pid {server.pid}; before the load: "
+    pid = server_pid(server, wrap)
+    baseline = proc_stats(pid)
+    print(f"soak: {SECS} s, work dir {W}, cratere pid {pid}; before the load: "
           f"RSS {baseline[0] / 1024:.1f} MiB, {baseline[1]} fds, {baseline[2]} threads", flush=True)
 
     threads = [threading.Thread(target=client, args=(base, i), daemon=True) for i in range(12)]
@@ -417,7 +444,7 @@ def main():
     try:
         while now() < SECS:
             time.sleep(SAMPLE - (now() % SAMPLE))
-            rss, fds, nthreads, children = proc_stats(server.pid)
+            rss, fds, nthreads, children = proc_stats(pid)
             counts, nerr = TALLY.snapshot()
             done = sum(v for (k, o), v in counts.items() if k != "hostile")
             ok = sum(v for (k, o), v in counts.items() if o == "ok" and k != "hostile")
@@ -433,20 +460,21 @@ def main():
     finally:
         STOP.set()
         # Idle for longer than hot crate files stay open (30 s) and idle upstream connections
-        # stay pooled (60 s), so that what is left open is what leaked.
-        time.sleep(70)
+        # stay pooled (60 s idle, reaped by a timer of the same period: up to 120 s), so that
+        # what is left open is what leaked.
+        time.sleep(IDLE)
         # A scheduled sync may be running git right now: the least of a few looks.
         looks = []
         for _ in range(5):
-            looks.append(proc_stats(server.pid))
+            looks.append(proc_stats(pid))
             time.sleep(1)
         rss, fds, nthreads, children = min(looks, key=lambda s: (s[3], s[1]))
-        kinds = fd_kinds(server.pid)
+        kinds = fd_kinds(pid)
         # Which sockets are still open, and to where (for a leak to be told from a pool).
-        sockets = subprocess.run(["ss", "-tanpH"], capture_output=True, text=True).stdout
+        sockets = subprocess.run(["ss", "-anpH"], capture_output=True, text=True).stdout
         (W / "sockets-after.txt").write_text(
-            "".join(l + "\n" for l in sockets.splitlines() if f"pid={server.pid}," in l))
-        server.terminate()
+            "".join(l + "\n" for l in sockets.splitlines() if f"pid={pid}," in l))
+        os.kill(pid, signal.SIGTERM)
         code = server.wait(timeout=60)
         up.shutdown()
     report(samples, baseline, (rss, fds, nthreads, children, kinds), code)
@@ -483,8 +511,8 @@ def report(samples, baseline, end, exit_code):
         out(f"| {k} | {o} | {v} |")
     out("")
     out(f"Before the load: RSS {baseline[0] / 1024:.1f} MiB, {baseline[1]} fds, {baseline[2]} "
-        f"threads, {baseline[3]} child processes. After it (70 s idle, past the 30 s for which "
-        f"hot crate files stay open and the 60 s idle upstream connections stay pooled): RSS "
+        f"threads, {baseline[3]} child processes. After it ({IDLE} s idle, past the 30 s for which "
+        f"hot crate files stay open and the up to 120 s idle upstream connections stay pooled): RSS "
         f"{end[0] / 1024:.1f} MiB, {end[1]} fds ({end[4]}), {end[2]} threads, {end[3]} child "
         f"processes. Exit code after SIGTERM: {exit_code}.")
     out(f"Peaks, second quarter vs last quarter: RSS {peak2 / 1024:.1f} vs {peak4 / 1024:.1f} MiB, "
