@@ -214,7 +214,7 @@ http {{
     PROCS.append(nginx)
     main = cratere("main", 18100)
     time.sleep(1)
-    return main
+    return main, nginx.pid
 
 
 def compare_hits(main, title, cratere_paths, nginx_paths):
@@ -284,6 +284,167 @@ def compare_hits_h2(main, cratere_paths, nginx_paths):
                 out(f"<!-- {who}: {err} -->")
     out(f"| {med(c_rps):,.0f} | {med(n_rps):,.0f} | {med(c_rps) / med(n_rps):.2f}× | {med(c_mb):,.1f} | {med(n_mb):,.1f} |")
     return peak
+
+
+
+def tree(pid):
+    """pid and all its descendants (nginx's master and its workers)."""
+    kids = {}
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                ppid = int(open(f"/proc/{e}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(e))
+    out_, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out_.append(p)
+        todo += kids.get(p, [])
+    return out_
+
+
+def cpu_secs(pids):
+    """utime + stime of the processes (all their threads), in seconds."""
+    total = 0
+    for p in pids:
+        try:
+            f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(f[11]) + int(f[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def loaded(cmd, server_pid):
+    """Runs a load generator; returns its stdout, the server's CPU seconds over the run (the
+    server and its children), the generator's CPU seconds and the wall time."""
+    pids = tree(server_pid)
+    before, t0, mine = cpu_secs(pids), time.monotonic(), os.times()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = p.communicate()
+    wall = time.monotonic() - t0
+    server = cpu_secs(pids) - before
+    # A waited-for child's times are added to ours: the generator's CPU.
+    after = os.times()
+    gen = (after.children_user - mine.children_user) + (after.children_system - mine.children_system)
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({p.returncode}): {stderr[-2000:]}")
+    return stdout, server, gen, wall
+
+
+def wrk_hot(url, conns, body_len, server_pid, script=None):
+    """wrk on one URL (no per-request script) or, with `script`, a round-robin mix. Fails on
+    any non-2xx answer, socket error or short body."""
+    cmd = ["wrk", f"-t{min(2, conns)}", f"-c{conns}", f"-d{SECS}s", "--timeout", "10s"]
+    if script:
+        cmd += ["-s", str(script)]
+    stdout, server, gen, wall = loaded(cmd + [url], server_pid)
+    reqs = rps = 0.0
+    read = ""
+    for line in stdout.splitlines():
+        line = line.strip()
+        if " requests in " in line:
+            reqs = float(line.split()[0])
+            read = line.rsplit(",", 1)[1].split()[0]
+        if line.startswith("Requests/sec:"):
+            rps = float(line.split()[1])
+        if line.startswith("Non-2xx") or line.startswith("Socket errors"):
+            raise SystemExit(f"wrk {url}: {line}\n{stdout}")
+    if not reqs:
+        raise SystemExit(f"wrk {url}: no requests\n{stdout}")
+    if body_len is not None:
+        per = to_mb(read) * 1e6 / 1.048576 / reqs
+        # wrk rounds the total to two decimals of its unit; headers add a few hundred bytes.
+        if not body_len * 0.99 <= per <= body_len * 1.01 + 2048:
+            raise SystemExit(f"wrk {url}: {per:.0f} bytes per response, want {body_len} + headers")
+    return rps, server * 1e6 / reqs, gen / wall
+
+
+def h2load_hot(urls, conns, streams, body_len, server_pid):
+    """h2load (HTTP/2, prior knowledge on plain http): every answer must be 2xx with the
+    whole body."""
+    listing = W / "uris.txt"
+    listing.write_text("\n".join(urls) + "\n")
+    stdout, server, gen, wall = loaded(
+        ["h2load", "-t", "2", "-c", str(conns), "-m", str(streams), "-D", str(SECS), "-i", str(listing)],
+        server_pid)
+    done = rps = 0.0
+    data = None
+    for line in stdout.splitlines():
+        if line.startswith("finished in"):
+            rps = float(line.split(",")[1].split()[0])
+        if line.startswith("requests:"):
+            f = dict((v, int(k)) for k, v in (x.strip().split()[:2] for x in line[9:].split(",")))
+            done = f["succeeded"]
+            if f["failed"] or f["errored"] or f["timeout"]:
+                raise SystemExit(f"h2load: {line}")
+        if line.startswith("status codes:"):
+            codes = [int(x.strip().split()[0]) for x in line[13:].split(",")]
+            if codes[1] or codes[2] or codes[3]:
+                raise SystemExit(f"h2load: {line}")
+        if line.startswith("traffic:"):
+            data = int(line.rsplit("(", 1)[1].split(")")[0])
+    if not done:
+        raise SystemExit(f"h2load: nothing succeeded\n{stdout}")
+    if body_len is not None and data != body_len * done:
+        raise SystemExit(f"h2load: {data} data bytes for {done:.0f} answers of {body_len}")
+    return rps, server * 1e6 / done, gen / wall
+
+
+def same_body(url, want):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        got = r.read()
+    if got != want:
+        raise SystemExit(f"{url}: {len(got)} bytes, not the {len(want)} bytes of the file")
+
+
+def bench_hot(main, nginx_pid, pkgs):
+    """One hot URL per case, no per-request script: server CPU per request next to req/s."""
+    crates = []
+    for name, version, _ in pkgs:
+        lower = name.lower()
+        rel = f"{prefix(name)}/{lower}/{lower}-{version}.crate"
+        f = W / "main/crates" / rel
+        if f.exists():
+            crates.append((abs(f.stat().st_size - 84_000), f"/api/v1/crates/{name}/{version}/download", f"/crates/{rel}", f))
+    _, c_crate, n_crate, crate_file = min(crates)
+    idx = []
+    for name, _, _ in pkgs:
+        rel = f"index/{prefix(name)}/{name.lower()}"
+        f = W / "static" / rel
+        if f.exists():
+            idx.append((abs(f.stat().st_size - 181_000), f"/{rel}", f))
+    _, index_path, index_file = min(idx)
+    cases = [(".crate", c_crate, n_crate, crate_file.read_bytes()),
+             ("index file", index_path, index_path, index_file.read_bytes())]
+    for _, cp, np_, body in cases:
+        same_body(f"http://127.0.0.1:18100{cp}", body)
+        same_body(f"http://127.0.0.1:18200{np_}", body)
+    out(f"\n### Hot hits: one URL, server CPU per request ({crate_file.name}, {len(cases[0][3]):,} B; "
+        f"{index_path}, {len(cases[1][3]):,} B)\n")
+    out("| hit | protocol, load | Cratere req/s | nginx req/s | req/s ratio | Cratere CPU/req | nginx CPU/req | CPU ratio | generator CPU (cores), Cratere / nginx |")
+    out("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for label, cp, np_, body in cases:
+        for proto in ("HTTP/1.1", "HTTP/2"):
+            res = {"c": [], "n": []}
+            for r in range(ROUNDS):
+                for who in (["c", "n"] if r % 2 == 0 else ["n", "c"]):
+                    pid = main.pid if who == "c" else nginx_pid
+                    if proto == "HTTP/1.1":
+                        port, path = (18100, cp) if who == "c" else (18200, np_)
+                        res[who].append(wrk_hot(f"http://127.0.0.1:{port}{path}", 64, len(body), pid))
+                    else:
+                        port, path = (18100, cp) if who == "c" else (18201, np_)
+                        res[who].append(h2load_hot([f"http://127.0.0.1:{port}{path}"], 64, 10, len(body), pid))
+            c = [med([x[i] for x in res["c"]]) for i in range(3)]
+            n = [med([x[i] for x in res["n"]]) for i in range(3)]
+            load = "wrk -t2 -c64" if proto == "HTTP/1.1" else "h2load -t2 -c64 -m10"
+            out(f"| {label} | {proto}, {load} | {c[0]:,.0f} | {n[0]:,.0f} | {c[0] / n[0]:.2f}× | {c[1]:.0f} µs "
+                f"| {n[1]:.0f} µs | {c[1] / n[1]:.2f}× | {c[2]:.2f} / {n[2]:.2f} |")
+    out(f"\n(medians of {ROUNDS} rounds of {SECS} s; server CPU = utime+stime of the server process and "
+        "its children over the run ÷ answers; every answer checked 2xx with the whole body)")
 
 
 class Sampler:
@@ -519,9 +680,11 @@ def main():
         return
     pkgs = packages()
     out(f"## Results ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, SECS={SECS}, ROUNDS={ROUNDS})")
-    main_proc = setup_main()
+    main_proc, nginx_pid = setup_main()
     idle = rss_kib(main_proc.pid)
     peak = 0
+    if want("hot"):
+        bench_hot(main_proc, nginx_pid, pkgs)
     if want("hits"):
         crates_c, crates_n = [], []
         for name, version, _ in pkgs:
