@@ -8,8 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
+use axum::extract::{MatchedPath, Request};
 use axum::response::Response;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -26,23 +25,110 @@ const CACHE_LABELS: [&str; 5] = [
     "stale-while-revalidate",
 ];
 
-/// Middleware: counts the request in the metrics and logs one access line when its body ends.
-/// Nothing here allocates beyond the body wrapper unless the access log is on (then the path
-/// is kept for the line).
-pub async fn access_log(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let version = match req.version() {
-        axum::http::Version::HTTP_2 => "HTTP/2.0",
-        axum::http::Version::HTTP_10 => "HTTP/1.0",
-        axum::http::Version::HTTP_3 => "HTTP/3.0",
-        _ => "HTTP/1.1",
-    };
-    metrics.request_version(version);
-    let path = tracing::enabled!(target: "cratere::access", tracing::Level::INFO)
-        .then(|| req.uri().path().to_string());
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let resp = next.run(req).await;
+/// Counts every request in the metrics and logs one access line when its body ends. A plain
+/// tower layer rather than `axum::middleware::from_fn`, which boxes a future and clones the
+/// inner service for every request. Nothing here allocates beyond the body wrapper unless
+/// the access log is on (then the path is kept for the line).
+#[derive(Clone)]
+pub struct AccessLogLayer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+/// The service of [`AccessLogLayer`].
+#[derive(Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> tower::Service<Request> for AccessLog<S>
+where
+    S: tower::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = AccessLogFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let start = Instant::now();
+        let version = match req.version() {
+            axum::http::Version::HTTP_2 => "HTTP/2.0",
+            axum::http::Version::HTTP_10 => "HTTP/1.0",
+            axum::http::Version::HTTP_3 => "HTTP/3.0",
+            _ => "HTTP/1.1",
+        };
+        self.metrics.request_version(version);
+        let started = Started {
+            metrics: self.metrics.clone(),
+            start,
+            method: req.method().clone(),
+            version,
+            path: tracing::enabled!(target: "cratere::access", tracing::Level::INFO)
+                .then(|| req.uri().path().to_string()),
+            route: req.extensions().get::<MatchedPath>().cloned(),
+        };
+        AccessLogFuture {
+            inner: self.inner.call(req),
+            started: Some(started),
+        }
+    }
+}
+
+/// What is known of a request before its response.
+struct Started {
+    metrics: Arc<Metrics>,
+    start: Instant,
+    method: axum::http::Method,
+    version: &'static str,
+    path: Option<String>,
+    route: Option<MatchedPath>,
+}
+
+pin_project_lite::pin_project! {
+    /// The response of [`AccessLog`], its body wrapped to log when it ends.
+    pub struct AccessLogFuture<F> {
+        #[pin]
+        inner: F,
+        started: Option<Started>,
+    }
+}
+
+impl<F, E> std::future::Future for AccessLogFuture<F>
+where
+    F: std::future::Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let started = this.started.take().expect("polled after completion");
+        Poll::Ready(Ok(logged(started, resp)))
+    }
+}
+
+fn logged(started: Started, resp: Response) -> Response {
+    let Started {
+        metrics,
+        start,
+        method,
+        version,
+        path,
+        route,
+    } = started;
     let status = resp.status().as_u16();
     let cache = resp
         .headers()

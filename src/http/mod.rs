@@ -21,7 +21,7 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use access_log::access_log;
+pub use access_log::AccessLogLayer;
 pub use error::AppError;
 pub use search::SEARCH_HEADER;
 
@@ -61,9 +61,14 @@ impl Default for Connection {
     }
 }
 
-/// Everything handlers share: the [`Core`] and what only the server needs. Cheap to clone.
+/// Everything handlers share: the [`Core`] and what only the server needs. One `Arc`: axum
+/// clones the state for every extractor of every request, and a clone of the fields one by
+/// one (a dozen reference counts, bounced between the cores) was 3.6 % of a crate hit's CPU.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// What [`AppState`] shares.
+pub struct Shared {
     pub config: Arc<Config>,
     pub core: Core,
     pub hosts: Arc<PublicHosts>,
@@ -94,13 +99,13 @@ impl AppState {
             .git
             .git_index
             .then(|| Arc::new(GitIndex::new(&config.git, &config.storage.index, &hosts)));
-        Ok(AppState {
+        Ok(AppState(Arc::new(Shared {
             hosts,
             git,
             config: Arc::new(config),
             core,
             search,
-        })
+        })))
     }
 
     /// Every background job of the server, each spawned by the feature that owns it.
@@ -120,6 +125,14 @@ impl AppState {
     }
 }
 
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(status::page))
@@ -135,10 +148,7 @@ pub fn router(state: AppState) -> Router {
             StatusCode::GATEWAY_TIMEOUT,
             state.config.server.request_timeout,
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.core.metrics.clone(),
-            access_log,
-        ))
+        .layer(AccessLogLayer(state.core.metrics.clone()))
         .with_state(state)
 }
 
