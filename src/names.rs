@@ -49,12 +49,26 @@ impl CrateName {
 
     /// cargo's prefix directories for this name, keeping its case: `1`, `2`, `3/s`, `se/rd`.
     pub fn prefix(&self) -> String {
+        let mut out = String::with_capacity(5);
+        self.push_prefix(&mut out);
+        out
+    }
+
+    /// Appends [`CrateName::prefix`] to `out` (no allocation of its own: on every hit's path).
+    fn push_prefix(&self, out: &mut String) {
         let n = &self.0;
         match n.len() {
-            1 => "1".to_string(),
-            2 => "2".to_string(),
-            3 => format!("3/{}", &n[..1]),
-            _ => format!("{}/{}", &n[..2], &n[2..4]),
+            1 => out.push('1'),
+            2 => out.push('2'),
+            3 => {
+                out.push_str("3/");
+                out.push_str(&n[..1]);
+            }
+            _ => {
+                out.push_str(&n[..2]);
+                out.push('/');
+                out.push_str(&n[2..4]);
+            }
         }
     }
 
@@ -135,7 +149,22 @@ impl IndexPath {
 
     /// Relative path, `/`-separated, no leading slash.
     pub fn as_relative(&self) -> String {
-        format!("{}/{}", self.0.prefix(), self.0.as_str())
+        let mut out = String::with_capacity(6 + self.0.0.len());
+        self.push_relative(&mut out);
+        out
+    }
+
+    fn push_relative(&self, out: &mut String) {
+        self.0.push_index_path(out);
+    }
+}
+
+impl CrateName {
+    /// Appends `{prefix}/{name}`: the index path of a name that is lowercase already.
+    fn push_index_path(&self, out: &mut String) {
+        self.push_prefix(out);
+        out.push('/');
+        out.push_str(&self.0);
     }
 }
 
@@ -189,13 +218,19 @@ impl CrateKey {
     }
 
     /// Relative path in the crate cache (and object key under a prefix).
+    /// Built in one allocation: this is on the path of every crate hit.
     pub fn as_relative(&self) -> String {
-        format!(
-            "{}/{}-{}.crate",
-            self.name.index_path().as_relative(),
-            self.name,
-            self.version
-        )
+        let name = self.name.as_str();
+        let version = self.version.as_str();
+        let mut out = String::with_capacity(2 * name.len() + version.len() + 14);
+        // `name` is lowercase already (see `new`), so it is its own index path.
+        self.name.push_index_path(&mut out);
+        out.push('/');
+        out.push_str(name);
+        out.push('-');
+        out.push_str(version);
+        out.push_str(".crate");
+        out
     }
 }
 

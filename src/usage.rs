@@ -59,7 +59,21 @@ pub struct Usage {
     crates: CrateStore,
     index_root: PathBuf,
     clock: Arc<dyn Clock>,
-    pending: Mutex<HashMap<Use, SystemTime>>,
+    pending: Mutex<Pending>,
+}
+
+/// Uses recorded and not yet written. A file used again before the flush only has its time
+/// moved (no key copied): this is on the path of every hit.
+#[derive(Default)]
+struct Pending {
+    crates: HashMap<CrateKey, SystemTime>,
+    index: HashMap<IndexPath, SystemTime>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.crates.is_empty() && self.index.is_empty()
+    }
 }
 
 impl Usage {
@@ -107,22 +121,34 @@ impl Usage {
     pub fn record_crate(&self, key: &CrateKey) {
         let now = self.clock.now();
         let mut p = self.pending.lock().expect("lock poisoned");
-        p.insert(Use::Crate(key.clone()), now);
-        p.insert(Use::Index(key.name().index_path()), now);
+        if let Some(t) = p.crates.get_mut(key) {
+            // Its index file was recorded with it; the flush moves that to the latest use.
+            *t = now;
+            return;
+        }
+        p.crates.insert(key.clone(), now);
+        p.index.insert(key.name().index_path(), now);
     }
 
     /// Records a use of an index file.
     pub fn record_index(&self, path: &IndexPath) {
         let now = self.clock.now();
-        self.pending
-            .lock()
-            .expect("lock poisoned")
-            .insert(Use::Index(path.clone()), now);
+        let mut p = self.pending.lock().expect("lock poisoned");
+        match p.index.get_mut(path) {
+            Some(t) => *t = now,
+            None => {
+                p.index.insert(path.clone(), now);
+            }
+        }
     }
 
     /// The time of a use recorded in this process and not yet flushed.
     pub fn pending(&self, u: &Use) -> Option<SystemTime> {
-        self.pending.lock().expect("lock poisoned").get(u).copied()
+        let p = self.pending.lock().expect("lock poisoned");
+        match u {
+            Use::Crate(key) => p.crates.get(key).copied(),
+            Use::Index(path) => p.index.get(path).copied(),
+        }
     }
 
     /// Writes the recorded uses (crate uses to the crate store, index uses to disk). Returns
@@ -133,14 +159,20 @@ impl Usage {
         if batch.is_empty() {
             return 0;
         }
-        let mut crates = Vec::new();
-        let mut index = Vec::new();
-        for (u, when) in batch {
-            match u {
-                Use::Crate(key) => crates.push((key, when)),
-                Use::Index(path) => index.push((path.as_relative(), when)),
-            }
+        let Pending {
+            crates,
+            index: mut index_uses,
+        } = batch;
+        // A crate's use is its index file's use too, up to the latest one.
+        for (key, when) in &crates {
+            let t = index_uses.entry(key.name().index_path()).or_insert(*when);
+            *t = (*t).max(*when);
         }
+        let crates: Vec<_> = crates.into_iter().collect();
+        let index: Vec<_> = index_uses
+            .into_iter()
+            .map(|(path, when)| (path.as_relative(), when))
+            .collect();
         let index_root = self.index_root.clone();
         let index_task = tokio::task::spawn_blocking(move || {
             let mut written = 0;
