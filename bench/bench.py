@@ -334,6 +334,14 @@ def loaded(cmd, server_pid):
     return stdout, server, gen, wall
 
 
+def wrk_bytes(value):
+    """wrk's "Transfer" figures ("6.52GB"): binary units, two decimals."""
+    for power, unit in ((4, "TB"), (3, "GB"), (2, "MB"), (1, "KB"), (0, "B")):
+        if value.endswith(unit):
+            return float(value[: -len(unit)]) * 1024**power
+    return float(value)
+
+
 def wrk_hot(url, conns, body_len, server_pid, script=None):
     """wrk on one URL (no per-request script) or, with `script`, a round-robin mix. Fails on
     any non-2xx answer, socket error or short body."""
@@ -355,21 +363,17 @@ def wrk_hot(url, conns, body_len, server_pid, script=None):
     if not reqs:
         raise SystemExit(f"wrk {url}: no requests\n{stdout}")
     if body_len is not None:
-        per = to_mb(read) * 1e6 / 1.048576 / reqs
+        per = wrk_bytes(read) / reqs
         # wrk rounds the total to two decimals of its unit; headers add a few hundred bytes.
         if not body_len * 0.99 <= per <= body_len * 1.01 + 2048:
             raise SystemExit(f"wrk {url}: {per:.0f} bytes per response, want {body_len} + headers")
     return rps, server * 1e6 / reqs, gen / wall
 
 
-def h2load_hot(urls, conns, streams, body_len, server_pid):
-    """h2load (HTTP/2, prior knowledge on plain http): every answer must be 2xx with the
-    whole body."""
-    listing = W / "uris.txt"
-    listing.write_text("\n".join(urls) + "\n")
-    stdout, server, gen, wall = loaded(
-        ["h2load", "-t", "2", "-c", str(conns), "-m", str(streams), "-D", str(SECS), "-i", str(listing)],
-        server_pid)
+def h2load_run(args, listing, server_pid):
+    """One h2load run: (answers, req/s, data bytes) plus the CPU figures of `loaded`. Fails on
+    any failed, errored or timed-out request and any non-2xx status."""
+    stdout, server, gen, wall = loaded(["h2load", *args, "-i", str(listing)], server_pid)
     done = rps = 0.0
     data = None
     for line in stdout.splitlines():
@@ -388,8 +392,24 @@ def h2load_hot(urls, conns, streams, body_len, server_pid):
             data = int(line.rsplit("(", 1)[1].split(")")[0])
     if not done:
         raise SystemExit(f"h2load: nothing succeeded\n{stdout}")
-    if body_len is not None and data != body_len * done:
-        raise SystemExit(f"h2load: {data} data bytes for {done:.0f} answers of {body_len}")
+    return done, rps, data, server, gen, wall
+
+
+def h2load_hot(urls, conns, streams, body_len, server_pid):
+    """h2load (HTTP/2, prior knowledge on plain http): every answer must be 2xx with the
+    whole body. A counted run first checks the bytes exactly (a timed run also counts the
+    DATA of the answers still in flight when it stops)."""
+    listing = W / "uris.txt"
+    listing.write_text("\n".join(urls) + "\n")
+    par = ["-t", "2", "-c", str(conns), "-m", str(streams)]
+    if body_len is not None:
+        n = conns * streams * 4
+        done, _, data, *_ = h2load_run([*par, "-n", str(n)], listing, server_pid)
+        if done != n or data != body_len * n:
+            raise SystemExit(f"h2load: {data} data bytes in {done:.0f} answers of {body_len} B")
+    done, rps, data, server, gen, wall = h2load_run([*par, "-D", str(SECS)], listing, server_pid)
+    if body_len is not None and not body_len * done <= data <= body_len * (done + conns * streams):
+        raise SystemExit(f"h2load: {data} data bytes for {done:.0f} answers of {body_len} B")
     return rps, server * 1e6 / done, gen / wall
 
 
