@@ -93,7 +93,16 @@ def cratere(name, port, extra=None):
         wait_http(f"http://127.0.0.1:{port}/health")
     else:
         time.sleep(1.0)
+    alive(p, f"cratere {name} on port {port}")
     return p
+
+
+def alive(p, what):
+    """Fails unless `p` still runs: a contender that exited (its port taken by a leftover
+    server) must not let something else answer in its place."""
+    time.sleep(0.3)
+    if p.poll() is not None:
+        raise SystemExit(f"{what} exited ({p.returncode}); is its port in use?")
 
 
 def stop(p):
@@ -111,15 +120,10 @@ def rss_kib(pid):
     return 0
 
 
-def to_mb(value):
-    units = {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3}
-    for u in ("GB", "MB", "KB", "B"):
-        if value.endswith(u):
-            return float(value[: -len(u)]) * units[u] * 1.048576
-    return float(value)
-
-
-def wrk(base, paths, conns):
+def wrk(base, paths, conns, server_pid):
+    """wrk round-robin over `paths` (a Lua script per request, so wrk works harder than on one
+    URL: its CPU is reported). Returns req/s, MB/s, server CPU µs per request and generator
+    CPU (cores). Fails on any non-2xx answer or socket error."""
     script = W / "paths.lua"
     listing = ",".join(f'"{p}"' for p in paths)
     script.write_text(
@@ -127,20 +131,23 @@ def wrk(base, paths, conns):
         "request = function() i = i + 1; return wrk.format('GET', paths[(i % #paths) + 1]) end\n"
     )
     threads = min(2, conns)
-    r = subprocess.run(
+    stdout, server, gen, wall = loaded(
         ["wrk", f"-t{threads}", f"-c{conns}", f"-d{SECS}s", "--timeout", "10s", "-s", str(script), base],
-        capture_output=True, text=True, check=True,
-    )
-    rps = mbps = 0.0
-    errors = ""
-    for line in r.stdout.splitlines():
+        server_pid)
+    rps = mbps = reqs = 0.0
+    for line in stdout.splitlines():
+        line = line.strip()
+        if " requests in " in line:
+            reqs = float(line.split()[0])
         if line.startswith("Requests/sec:"):
             rps = float(line.split()[1])
         if line.startswith("Transfer/sec:"):
-            mbps = to_mb(line.split()[1])
-        if "Socket errors" in line or "Non-2xx" in line:
-            errors += line.strip() + " "
-    return rps, mbps, errors
+            mbps = wrk_bytes(line.split()[1]) / 1e6
+        if line.startswith("Socket errors") or line.startswith("Non-2xx"):
+            raise SystemExit(f"wrk {base}: {line}\n{stdout}")
+    if not reqs:
+        raise SystemExit(f"wrk {base}: no requests\n{stdout}")
+    return rps, mbps, server * 1e6 / reqs, gen / wall
 
 
 def timed(cmd, **kw):
@@ -212,79 +219,68 @@ http {{
 """)
     nginx = subprocess.Popen(["nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     PROCS.append(nginx)
+    alive(nginx, "nginx on ports 18200, 18201")
     main = cratere("main", 18100)
     time.sleep(1)
     return main, nginx.pid
 
 
-def compare_hits(main, title, cratere_paths, nginx_paths):
+def compare_hits(main, nginx_pid, title, cratere_paths, nginx_paths):
     out(f"\n### {title}\n")
-    out("| connections | Cratere req/s | nginx req/s | ratio | Cratere MB/s | nginx MB/s |")
-    out("| --- | --- | --- | --- | --- | --- |")
+    out("| connections | Cratere req/s | nginx req/s | ratio | Cratere MB/s | nginx MB/s "
+        "| Cratere CPU/req | nginx CPU/req | CPU ratio | wrk CPU (cores), Cratere / nginx |")
+    out("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     peak = 0
     for conns in (1, 64, 256):
-        c_rps, n_rps, c_mb, n_mb = [], [], [], []
+        res = {"c": [], "n": []}
         for r in range(ROUNDS):
             order = ["c", "n"] if r % 2 == 0 else ["n", "c"]
             for who in order:
                 if who == "c":
                     sampler = Sampler(main.pid)
-                    rps, mb, err = wrk("http://127.0.0.1:18100", cratere_paths, conns)
+                    res["c"].append(wrk("http://127.0.0.1:18100", cratere_paths, conns, main.pid))
                     peak = max(peak, sampler.stop())
-                    c_rps.append(rps); c_mb.append(mb)
                 else:
-                    rps, mb, err = wrk("http://127.0.0.1:18200", nginx_paths, conns)
-                    n_rps.append(rps); n_mb.append(mb)
-                if err:
-                    out(f"<!-- {who} {conns}: {err} -->")
-        out(f"| {conns} | {med(c_rps):,.0f} | {med(n_rps):,.0f} | {med(c_rps) / med(n_rps):.2f}× "
-            f"| {med(c_mb):,.1f} | {med(n_mb):,.1f} |")
+                    res["n"].append(wrk("http://127.0.0.1:18200", nginx_paths, conns, nginx_pid))
+        c = [med([x[i] for x in res["c"]]) for i in range(4)]
+        n = [med([x[i] for x in res["n"]]) for i in range(4)]
+        out(f"| {conns} | {c[0]:,.0f} | {n[0]:,.0f} | {c[0] / n[0]:.2f}× | {c[1]:,.1f} | {n[1]:,.1f} "
+            f"| {c[2]:.0f} µs | {n[2]:.0f} µs | {c[2] / n[2]:.2f}× | {c[3]:.2f} / {n[3]:.2f} |")
     return peak
 
 
-def h2load(uris, conns, streams):
+def h2load(uris, conns, streams, server_pid):
+    """h2load round-robin over `uris`: req/s, MB/s, server CPU µs per answer, generator CPU."""
     listing = W / "uris.txt"
     listing.write_text("\n".join(uris) + "\n")
-    r = subprocess.run(
-        ["h2load", "-t", "2", "-c", str(conns), "-m", str(streams), "-D", str(SECS), "-i", str(listing)],
-        capture_output=True, text=True, check=True,
-    )
-    rps = mbps = 0.0
-    errors = ""
-    for line in r.stdout.splitlines():
-        if line.startswith("finished in"):
-            parts = [p.strip() for p in line.split(",")]
-            rps = float(parts[1].split()[0])
-            mbps = to_mb(parts[2].split()[0].replace("/s", ""))
-        if line.startswith("requests:") and (" 0 failed" not in line or " 0 errored" not in line):
-            errors += line.strip() + " "
-    return rps, mbps, errors
+    done, rps, data, server, gen, wall = h2load_run(
+        ["-t", "2", "-c", str(conns), "-m", str(streams), "-D", str(SECS)], listing, server_pid)
+    return rps, data / wall / 1e6, server * 1e6 / done, gen / wall
 
 
-def compare_hits_h2(main, cratere_paths, nginx_paths):
+def compare_hits_h2(main, nginx_pid, cratere_paths, nginx_paths):
     """Crate hits over HTTP/2 without TLS (prior knowledge): cargo's protocol on a plain-http
     registry (after its h2c upgrade). nginx copies here too: it has no sendfile for HTTP/2."""
     conns, streams = 64, 10
     out(f"\n### Cached .crate downloads over HTTP/2 (h2load, {conns} connections × {streams} streams)\n")
-    out("| Cratere req/s | nginx req/s | ratio | Cratere MB/s | nginx MB/s |")
-    out("| --- | --- | --- | --- | --- |")
-    c_rps, n_rps, c_mb, n_mb = [], [], [], []
+    out("| Cratere req/s | nginx req/s | ratio | Cratere MB/s | nginx MB/s "
+        "| Cratere CPU/req | nginx CPU/req | CPU ratio | h2load CPU (cores), Cratere / nginx |")
+    out("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    res = {"c": [], "n": []}
     peak = 0
     for r in range(ROUNDS):
         for who in (["c", "n"] if r % 2 == 0 else ["n", "c"]):
             if who == "c":
                 sampler = Sampler(main.pid)
-                rps, mb, err = h2load([f"http://127.0.0.1:18100{p}" for p in cratere_paths], conns, streams)
+                res["c"].append(h2load([f"http://127.0.0.1:18100{p}" for p in cratere_paths], conns, streams, main.pid))
                 peak = max(peak, sampler.stop())
-                c_rps.append(rps); c_mb.append(mb)
             else:
-                rps, mb, err = h2load([f"http://127.0.0.1:18201{p}" for p in nginx_paths], conns, streams)
-                n_rps.append(rps); n_mb.append(mb)
-            if err:
-                out(f"<!-- {who}: {err} -->")
-    out(f"| {med(c_rps):,.0f} | {med(n_rps):,.0f} | {med(c_rps) / med(n_rps):.2f}× | {med(c_mb):,.1f} | {med(n_mb):,.1f} |")
+                res["n"].append(h2load([f"http://127.0.0.1:18201{p}" for p in nginx_paths], conns, streams, nginx_pid))
+    c = [med([x[i] for x in res["c"]]) for i in range(4)]
+    n = [med([x[i] for x in res["n"]]) for i in range(4)]
+    out(f"| {c[0]:,.0f} | {n[0]:,.0f} | {c[0] / n[0]:.2f}× | {c[1]:,.1f} | {n[1]:,.1f} "
+        f"| {c[2]:.0f} µs | {n[2]:.0f} µs | {c[2] / n[2]:.2f}× | {c[3]:.2f} / {n[3]:.2f} |")
     return peak
-
 
 
 def tree(pid):
@@ -320,6 +316,8 @@ def cpu_secs(pids):
 def loaded(cmd, server_pid):
     """Runs a load generator; returns its stdout, the server's CPU seconds over the run (the
     server and its children), the generator's CPU seconds and the wall time."""
+    if not os.path.exists(f"/proc/{server_pid}/stat"):
+        raise SystemExit(f"server process {server_pid} is gone")
     pids = tree(server_pid)
     before, t0, mine = cpu_secs(pids), time.monotonic(), os.times()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -713,12 +711,12 @@ def main():
             if (W / "main/crates" / rel).exists():
                 crates_c.append(f"/api/v1/crates/{name}/{version}/download")
                 crates_n.append(f"/crates/{rel}")
-        peak = max(peak, compare_hits(main_proc, f"Cached .crate downloads ({len(crates_c)} files, round-robin)", crates_c, crates_n))
-        peak = max(peak, compare_hits_h2(main_proc, crates_c, crates_n))
+        peak = max(peak, compare_hits(main_proc, nginx_pid, f"Cached .crate downloads ({len(crates_c)} files, round-robin)", crates_c, crates_n))
+        peak = max(peak, compare_hits_h2(main_proc, nginx_pid, crates_c, crates_n))
     if want("index"):
         idx = sorted({f"/index/{prefix(n)}/{n.lower()}" for n, _, _ in pkgs})
         idx = [p for p in idx if (W / "static" / p.lstrip("/")).exists()]
-        peak = max(peak, compare_hits(main_proc, f"Cached sparse index files ({len(idx)} files, round-robin)", idx, idx))
+        peak = max(peak, compare_hits(main_proc, nginx_pid, f"Cached sparse index files ({len(idx)} files, round-robin)", idx, idx))
     after = rss_kib(main_proc.pid)
     if want("memory") or want("hits"):
         out("\n### Memory (RSS of the Cratere serving the benchmarks)\n")
