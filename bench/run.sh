@@ -5,7 +5,7 @@
 #
 #   ./bench/run.sh                 # everything (about 15 minutes)
 #   SECS=5 ROUNDS=1 ./bench/run.sh # a quick look
-#   ONLY=hits ./bench/run.sh       # one part: hits, index, miss, cargo, memory, git
+#   ONLY=hits ./bench/run.sh       # one part: hot, hits, index, miss, cargo, memory, git
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
