@@ -103,8 +103,9 @@ pub struct CleanupReport {
     pub skipped_in_use: u64,
     /// Files that could not be removed (logged).
     pub errors: u64,
-    /// Crate files were not examined: another replica held the bucket's cleanup lease (the
-    /// crate figures are then zero).
+    /// Crate files were not examined: another replica held the bucket's cleanup lease, or
+    /// the bucket cannot hold one and this replica is not the cleanup leader (the crate
+    /// figures are then zero).
     pub crates_skipped: bool,
 }
 
@@ -208,12 +209,21 @@ impl Cleanup {
                 .cleanup_lease(self.usage.clock().clone(), stop)
                 .await?
         };
-        if let CleanupLease::HeldElsewhere = lease {
-            tracing::info!(
+        match lease {
+            CleanupLease::HeldElsewhere => tracing::info!(
                 "another replica is cleaning the bucket: only the local index cache is cleaned"
-            );
+            ),
+            CleanupLease::NotLeader => tracing::warn!(
+                "the bucket cannot hold the cleanup lease and this replica is not the cleanup \
+                 leader (CRATERE_CLEANUP_LEADER): only the local index cache is cleaned"
+            ),
+            CleanupLease::Leader => tracing::warn!(
+                "the bucket cannot hold the cleanup lease: cleaning its crates as the \
+                 configured cleanup leader, without a lease"
+            ),
+            CleanupLease::Local | CleanupLease::Held(_) => {}
         }
-        let crates = !matches!(lease, CleanupLease::HeldElsewhere);
+        let crates = !matches!(lease, CleanupLease::HeldElsewhere | CleanupLease::NotLeader);
         let stop = match &lease {
             CleanupLease::Held(lease) => lease.stop().clone(),
             _ => stop.clone(),

@@ -634,6 +634,14 @@ pub struct StorageConfig {
     #[arg(long, env = "CRATERE_S3_LOCAL_CACHE_SIZE", value_name = "SIZE", value_parser = parse_size)]
     pub s3_local_cache_size: Option<u64>,
 
+    /// With S3 storage on a bucket that does not honour conditional writes (found by a probe
+    /// at startup and before each cleanup): this replica runs the crate cleanups, without the
+    /// fleet-wide lease that such a bucket cannot hold. Set it on exactly one replica. On a
+    /// bucket that passes the probe the lease decides and this has no effect.
+    #[arg(long, env = "CRATERE_CLEANUP_LEADER", default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub cleanup_leader: bool,
+
     /// S3 credentials given by an embedding program (tests) instead of the environment;
     /// not a flag or variable: operators use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
     #[arg(skip)]
@@ -862,6 +870,8 @@ pub struct S3Settings {
     pub prefix: S3Prefix,
     pub local_cache_size: Option<u64>,
     pub credentials: Option<S3Credentials>,
+    /// `CRATERE_CLEANUP_LEADER`.
+    pub cleanup_leader: bool,
 }
 
 impl StorageConfig {
@@ -881,6 +891,7 @@ impl StorageConfig {
                 prefix: self.s3_prefix.clone(),
                 local_cache_size: self.s3_local_cache_size,
                 credentials: self.s3_credentials.clone(),
+                cleanup_leader: self.cleanup_leader,
             })),
         }
     }

@@ -74,6 +74,9 @@ pub struct Core {
 /// kubelet and load balancer, and each check is an fsync and (with S3) a bucket request.
 pub const READY_TTL: Duration = Duration::from_secs(2);
 
+/// How often the server probes the bucket's conditional writes (S3 storage).
+pub const BUCKET_PROBE_EVERY: Duration = Duration::from_secs(3600);
+
 /// The last readiness answer, and the lock that makes concurrent callers share one check.
 #[derive(Default)]
 struct Readiness {
@@ -155,6 +158,38 @@ impl Core {
         .unwrap_or_else(|e| Err(e.to_string()))
     }
 
+    /// With S3 storage: probes the bucket's conditional writes at startup and every
+    /// [`BUCKET_PROBE_EVERY`] (a cleanup also probes before it decides how to run), and
+    /// publishes the answer in `/metrics`.
+    fn spawn_bucket_probe(&self, jobs: &TaskTracker, shutdown: &CancellationToken) {
+        if self.crates.conditional_writes().is_none() {
+            return;
+        }
+        let (crates, metrics, stop) = (self.crates.clone(), self.metrics.clone(), shutdown.clone());
+        jobs.spawn(async move {
+            loop {
+                if let Some(c) = crates.probe_conditional_writes().await {
+                    metrics.set_s3_conditional(c.gauge());
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(BUCKET_PROBE_EVERY) => {}
+                }
+            }
+        });
+    }
+
+    /// What `/ready` adds to its answer: the bucket's conditional writes (S3 storage only).
+    pub fn ready_details(&self) -> Option<String> {
+        let (c, leader) = self.crates.conditional_writes()?;
+        let leader = if leader {
+            "this replica is the cleanup leader"
+        } else {
+            "this replica is not the cleanup leader"
+        };
+        Some(format!("{}; {leader}", c.describe()))
+    }
+
     /// The background jobs of the core, each spawned by the feature that owns it: the health
     /// probe of a down upstream, usage adoption and flushing, the cache-size walk and the
     /// scheduled cleanup (`None`: never).
@@ -165,6 +200,7 @@ impl Core {
         shutdown: &CancellationToken,
     ) {
         crate::upstream::spawn_probe(self.upstream.clone(), jobs, shutdown);
+        self.spawn_bucket_probe(jobs, shutdown);
         crate::usage::spawn_jobs(self.usage.clone(), jobs, shutdown);
         crate::index_cache::spawn_refresh_ahead(self.index.clone(), jobs, shutdown);
         crate::cleanup::spawn_jobs(

@@ -245,6 +245,7 @@ pub struct Metrics {
     upstream_errors: Family<ErrorLabels, Counter>,
     downloads_in_flight: Gauge,
     ready_checks: Counter,
+    s3_conditional: Gauge,
     refreshes: Family<RefreshLabels, Counter>,
     refreshes_failed: Family<RefreshLabels, Counter>,
     refreshes_changed: Family<RefreshLabels, Counter>,
@@ -438,6 +439,15 @@ impl Metrics {
             "Readiness checks of the stores run (each /ready answer is reused for 2 s)",
             Counter::default(),
         );
+        let s3_conditional = register(
+            &mut registry,
+            "s3_conditional_writes",
+            "Whether the bucket honours conditional writes, as last probed: 1 yes (cleanups take \
+             the fleet-wide lease), 0 no (no lease; only CRATERE_CLEANUP_LEADER cleans crates), \
+             -1 not known (not probed yet, no answer, or local storage)",
+            Gauge::default(),
+        );
+        s3_conditional.set(-1);
         let refreshes = register(
             &mut registry,
             "index_background_refreshes",
@@ -505,6 +515,7 @@ impl Metrics {
             upstream_errors,
             downloads_in_flight,
             ready_checks,
+            s3_conditional,
             refreshes,
             refreshes_failed,
             refreshes_changed,
@@ -547,6 +558,11 @@ impl Metrics {
 
     pub fn count_ready_check(&self) {
         self.ready_checks.inc();
+    }
+
+    /// `cratere_s3_conditional_writes` ([`crate::storage::s3::Conditional::gauge`]).
+    pub fn set_s3_conditional(&self, value: i64) {
+        self.s3_conditional.set(value);
     }
 
     pub fn set_connections_max(&self, n: usize) {

@@ -10,14 +10,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::cargo::{cargo, cargo_home, package_crates, publish_packaged, write_app_project};
-use common::s3::{RoundRobin, S3Server};
+use common::s3::{IgnoringS3, RoundRobin, S3Server};
 use common::{FakeUpstream, Fault, Proxy, Target, index_path, sha256_hex};
 use cratere::cleanup::{FileKind, Outcome};
 use cratere::clock::{FakeClock, days};
 use cratere::config::Config;
 use cratere::names::CrateKey;
-use cratere::storage::s3::{LEASE_TTL, LOCK_KEY};
-use cratere::storage::{CrateStore, FsStore};
+use cratere::storage::s3::{Conditional, LEASE_TTL, LOCK_KEY};
+use cratere::storage::{CleanupLease, CrateStore, FsStore};
 use futures_util::StreamExt;
 use object_store::ObjectStoreExt;
 use tokio_util::sync::CancellationToken;
@@ -609,6 +609,17 @@ async fn cratere_cmd_with(
     dir: &std::path::Path,
     extra: &[(&str, &str)],
 ) -> std::process::Output {
+    cratere_cmd_on(s3.envs(), args, dir, extra).await
+}
+
+/// `cratere ARGS` with the bucket's environment `envs`, the local directories under `dir`,
+/// and `extra`.
+async fn cratere_cmd_on(
+    envs: Vec<(&'static str, String)>,
+    args: &[&str],
+    dir: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> std::process::Output {
     let mut cmd = tokio::process::Command::new(BIN);
     for (k, _) in std::env::vars() {
         if k.starts_with("CRATERE_") {
@@ -619,7 +630,7 @@ async fn cratere_cmd_with(
         .env("CRATERE_CACHE", dir.join("crates"))
         .env("CRATERE_INDEX", dir.join("index"))
         .env("CRATERE_GIT_INDEX", "false");
-    for (k, v) in s3.envs() {
+    for (k, v) in envs {
         cmd.env(k, v);
     }
     for (k, v) in extra {
@@ -756,4 +767,100 @@ async fn the_local_cache_in_front_of_the_bucket_serves_hits_and_stays_bounded() 
     assert_eq!(get(&a, "loca").await, ("hit".to_string(), data[0].clone()));
     assert_eq!(get(&a, "locc").await, ("hit".to_string(), data[2].clone()));
     assert_eq!(up.crate_hits("loca", "1.0.0"), 1);
+}
+
+/// The bucket's conditional writes are probed, not assumed. s3s-fs refuses a second create and
+/// a stale replace: cleanups take the lease. A bucket that accepts both (what Garage 2.5.0 was
+/// measured to do) is reported in the log, `/ready`, `/metrics` and the status page; no lease
+/// object is ever written to it; only a replica with CRATERE_CLEANUP_LEADER=true cleans its
+/// crates, and `cratere cleanup` refuses without the setting.
+#[tokio::test]
+async fn a_bucket_that_ignores_conditional_writes_never_gets_a_lease() {
+    common::init_test_log();
+    let s3 = S3Server::start().await;
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = CrateStore::open(
+        &s3_config(&s3, &up.url, &dir.path().join("a")).storage,
+        days(90.0),
+    )
+    .unwrap();
+    assert_eq!(
+        good.probe_conditional_writes().await,
+        Some(Conditional::Honoured)
+    );
+    assert!(
+        s3.keys().await.iter().all(|k| !k.contains(".locks/probe")),
+        "the probe removes its scratch object: {:?}",
+        s3.keys().await
+    );
+    let stop = CancellationToken::new();
+    let clock = Arc::new(FakeClock::new());
+    match good.cleanup_lease(clock.clone(), &stop).await.unwrap() {
+        CleanupLease::Held(lease) => lease.release().await,
+        _ => panic!("a conforming bucket gives the lease"),
+    }
+
+    let bad = IgnoringS3::start().await;
+    let mut config = Proxy::config(&up.url, &dir.path().join("b"));
+    bad.configure(&mut config);
+    let store = CrateStore::open(&config.storage, days(90.0)).unwrap();
+    let found = store.probe_conditional_writes().await.unwrap();
+    assert!(
+        matches!(&found, Conditional::Ignored(what) if what.contains("If-None-Match")),
+        "{found:?}"
+    );
+    assert!(matches!(
+        store.cleanup_lease(clock.clone(), &stop).await.unwrap(),
+        CleanupLease::NotLeader
+    ));
+    config.storage.cleanup_leader = true;
+    let leader = CrateStore::open(&config.storage, days(90.0)).unwrap();
+    assert!(matches!(
+        leader.cleanup_lease(clock.clone(), &stop).await.unwrap(),
+        CleanupLease::Leader
+    ));
+    assert!(
+        !bad.puts().iter().any(|k| k.ends_with(LOCK_KEY)),
+        "no lease object is written: {:?}",
+        bad.puts()
+    );
+
+    // A server on it says so.
+    config.storage.cleanup_leader = false;
+    let p = Proxy::start_with(config).await;
+    common::wait_until_async(
+        || async { p.metric("cratere_s3_conditional_writes").await == 0.0 },
+        "the startup probe",
+    )
+    .await;
+    let ready = p.get("/ready").await.text().await.unwrap();
+    assert!(
+        ready.starts_with("ready\n") && ready.contains("does not honour conditional writes"),
+        "{ready}"
+    );
+    assert!(ready.contains("not the cleanup leader"), "{ready}");
+    let page = p.get("/").await.text().await.unwrap();
+    assert!(page.contains(r#"id="bucket-lease""#), "{page}");
+    // A scheduled pass cleans the local index cache only.
+    match run_cleanup(&p).await {
+        Outcome::Done(pass) => assert!(pass.report.crates_skipped),
+        Outcome::Busy => panic!("busy"),
+    }
+    assert!(!bad.puts().iter().any(|k| k.ends_with(LOCK_KEY)));
+
+    // The command refuses without the leader setting, and runs with it.
+    let out = cratere_cmd_on(bad.envs(), &["cleanup"], &dir.path().join("cmd"), &[]).await;
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CRATERE_CLEANUP_LEADER=true"), "{stderr}");
+    let out = cratere_cmd_on(
+        bad.envs(),
+        &["cleanup"],
+        &dir.path().join("cmd"),
+        &[("CRATERE_CLEANUP_LEADER", "true")],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(!bad.puts().iter().any(|k| k.ends_with(LOCK_KEY)));
 }

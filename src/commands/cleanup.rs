@@ -13,6 +13,7 @@ use crate::cleanup::{FileKind, Outcome, Pass, Reason};
 use crate::clock::SystemClock;
 use crate::config::CleanupArgs;
 use crate::core::Lifecycle;
+use crate::storage::s3::Conditional;
 
 /// `cratere cleanup [--dry-run]`: one pass now, printing every file it removes and a summary.
 pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
@@ -24,7 +25,23 @@ pub async fn command(args: CleanupArgs) -> anyhow::Result<ExitCode> {
             crates_root.display()
         );
     }
-    let Lifecycle { usage, cleanup, .. } = Lifecycle::open(&config, Arc::new(SystemClock))?;
+    let Lifecycle {
+        usage,
+        cleanup,
+        crates,
+        ..
+    } = Lifecycle::open(&config, Arc::new(SystemClock))?;
+    if !args.dry_run
+        && let Some(Conditional::Ignored(what)) = crates.probe_conditional_writes().await
+        && !config.storage.cleanup_leader
+    {
+        eprintln!(
+            "the bucket does not honour conditional writes ({what}), so it cannot hold the \
+             fleet-wide cleanup lease, and two cleanups could race; refusing. Run cleanups on \
+             one replica only, with CRATERE_CLEANUP_LEADER=true (there, and for this command)."
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     if !args.dry_run {
         usage
             .adopt_untracked()

@@ -25,9 +25,17 @@ async fn health() -> &'static str {
 /// directories accept writes, and the bucket (with S3 storage) answers; each answer is
 /// reused for [`crate::core::READY_TTL`].
 async fn ready(State(st): State<AppState>) -> impl IntoResponse {
+    let details = st
+        .core
+        .ready_details()
+        .map(|d| format!("{d}\n"))
+        .unwrap_or_default();
     match st.core.ready().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+        Ok(()) => (StatusCode::OK, format!("ready\n{details}")),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {e}\n{details}"),
+        ),
     }
 }
 

@@ -177,6 +177,14 @@ pub async fn page(State(st): State<AppState>, uri: Uri, headers: HeaderMap) -> i
     ));
     let git = git_state(st.git.as_deref());
     let cleanup = cleanup_state(st.core.cleanup.last());
+    // With S3 storage: whether the bucket can hold the cleanup lease.
+    let bucket = st.core.ready_details().map_or(String::new(), |d| {
+        format!(
+            r#"<tr><th>Bucket cleanup lease</th><td id="bucket-lease">{}</td></tr>
+"#,
+            esc(&d)
+        )
+    });
     let traffic = m.traffic();
     let last_hour: u64 = traffic.iter().map(|t| t.0).sum();
     let html = format!(
@@ -222,7 +230,7 @@ registry = "{base}/crates.io-index"</pre>
 <tr><th>Upstream</th><td id="upstream">{upstream_state}</td></tr>
 <tr><th>Git index</th><td id="git-index">{git}</td></tr>
 <tr><th>Last cleanup</th><td id="cleanup">{cleanup}</td></tr>
-<tr><th>Up for</th><td>{uptime}</td></tr>
+{bucket}<tr><th>Up for</th><td>{uptime}</td></tr>
 </table>
 
 <h2>Traffic, last hour</h2>

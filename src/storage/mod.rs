@@ -35,7 +35,7 @@ use crate::clock::Clock;
 use crate::config::{StorageChoice, StorageConfig};
 use crate::names::CrateKey;
 use file_body::READ_CHUNK;
-use s3::S3Crates;
+use s3::{Conditional, S3Crates};
 
 /// Crate files, on disk or in S3. Cheap to clone.
 #[derive(Clone)]
@@ -122,6 +122,12 @@ pub enum CleanupLease {
     Held(s3::Lease),
     /// Another replica holds it: that replica cleans the crates.
     HeldElsewhere,
+    /// The bucket cannot hold a lease (it ignores conditional writes) and this replica is the
+    /// configured cleanup leader (`CRATERE_CLEANUP_LEADER`): it cleans the crates alone.
+    Leader,
+    /// The bucket cannot hold a lease and this replica is not the cleanup leader: it leaves
+    /// the crates alone.
+    NotLeader,
 }
 
 impl CrateStore {
@@ -281,10 +287,36 @@ impl CrateStore {
     ) -> anyhow::Result<CleanupLease> {
         match self {
             CrateStore::Fs(_) => Ok(CleanupLease::Local),
-            CrateStore::S3(s3) => Ok(match s3.lease(clock, stop).await? {
-                Some(lease) => CleanupLease::Held(lease),
-                None => CleanupLease::HeldElsewhere,
-            }),
+            CrateStore::S3(s3) => match s3.probe().await {
+                Conditional::Honoured => Ok(match s3.lease(clock, stop).await? {
+                    Some(lease) => CleanupLease::Held(lease),
+                    None => CleanupLease::HeldElsewhere,
+                }),
+                Conditional::Ignored(_) if s3.is_cleanup_leader() => Ok(CleanupLease::Leader),
+                Conditional::Ignored(_) => Ok(CleanupLease::NotLeader),
+                Conditional::Unknown => anyhow::bail!(
+                    "cannot tell whether the bucket honours conditional writes (it did not \
+                     answer the probe), so the cleanup lease cannot be trusted"
+                ),
+            },
+        }
+    }
+
+    /// With S3 storage: probes the bucket's conditional writes and tells what they are
+    /// (`None` on a local store).
+    pub async fn probe_conditional_writes(&self) -> Option<Conditional> {
+        match self {
+            CrateStore::Fs(_) => None,
+            CrateStore::S3(s3) => Some(s3.probe().await),
+        }
+    }
+
+    /// What the last probe of the bucket's conditional writes found, and whether this replica
+    /// is the cleanup leader (`None` on a local store).
+    pub fn conditional_writes(&self) -> Option<(Conditional, bool)> {
+        match self {
+            CrateStore::Fs(_) => None,
+            CrateStore::S3(s3) => Some((s3.conditional(), s3.is_cleanup_leader())),
         }
     }
 

@@ -281,3 +281,182 @@ async fn forward(State(rr): State<Arc<Rr>>, req: Request) -> Response {
     ))
     .unwrap()
 }
+
+/// A bucket that ignores conditional writes, as Garage 2.5.0 was measured to (issue 21): a
+/// second `PUT` with `If-None-Match: *`, or one with a stale `If-Match`, answers `200` and
+/// overwrites the object. In memory, path-style, no signature checks; enough of S3 for
+/// Cratere's probe, lease and cleanup: PUT, GET, HEAD, DELETE and ListObjectsV2. Counts the
+/// PUTs of each key.
+pub struct IgnoringS3 {
+    pub endpoint: String,
+    pub bucket: String,
+    state: Arc<IgnoringState>,
+}
+
+#[derive(Default)]
+struct IgnoringState {
+    objects: std::sync::Mutex<std::collections::BTreeMap<String, (bytes::Bytes, u64)>>,
+    puts: std::sync::Mutex<Vec<String>>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl IgnoringS3 {
+    pub async fn start() -> IgnoringS3 {
+        let state = Arc::new(IgnoringState::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .fallback(ignoring_handler)
+            .with_state(state.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        IgnoringS3 {
+            endpoint: format!("http://{addr}"),
+            bucket: "crates".into(),
+            state,
+        }
+    }
+
+    /// Puts an in-process configuration on this bucket.
+    pub fn configure(&self, c: &mut Config) {
+        c.storage.kind = StorageKind::S3;
+        c.storage.s3_bucket = Some(self.bucket.clone());
+        c.storage.s3_endpoint = S3Endpoint(Some(self.endpoint.clone()));
+        c.storage.s3_region = REGION.into();
+        c.storage.s3_path_style = true;
+        c.storage.s3_credentials = Some(S3Credentials {
+            access_key_id: ACCESS_KEY.into(),
+            secret_access_key: SECRET_KEY.into(),
+        });
+    }
+
+    /// The environment of a `cratere` process on this bucket.
+    pub fn envs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CRATERE_STORAGE", "s3".into()),
+            ("CRATERE_S3_BUCKET", self.bucket.clone()),
+            ("CRATERE_S3_ENDPOINT", self.endpoint.clone()),
+            ("CRATERE_S3_REGION", REGION.into()),
+            ("CRATERE_S3_PATH_STYLE", "true".into()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+        ]
+    }
+
+    /// Every key PUT so far, in order.
+    pub fn puts(&self) -> Vec<String> {
+        self.state.puts.lock().unwrap().clone()
+    }
+
+    /// The keys stored now.
+    pub fn keys(&self) -> Vec<String> {
+        self.state.objects.lock().unwrap().keys().cloned().collect()
+    }
+}
+
+async fn ignoring_handler(State(st): State<Arc<IgnoringState>>, req: Request) -> Response {
+    use axum::http::{Method, StatusCode, header};
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let path = percent_decode(uri.path().trim_start_matches('/'));
+    let (_bucket, key) = path.split_once('/').unwrap_or((path.as_str(), ""));
+    let key = key.to_string();
+    let not_found = || {
+        Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .header(header::CONTENT_TYPE, "application/xml")
+            .body(Body::from(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>NoSuchKey</Code><Message>no such key</Message></Error>",
+            ))
+            .unwrap()
+    };
+    let etag = |n: u64| format!("\"etag-{n}\"");
+    match method {
+        Method::PUT => {
+            let body = axum::body::to_bytes(req.into_body(), 64 << 20)
+                .await
+                .unwrap();
+            let n = st.seq.fetch_add(1, Ordering::SeqCst) + 1;
+            st.objects.lock().unwrap().insert(key.clone(), (body, n));
+            st.puts.lock().unwrap().push(key);
+            Response::builder()
+                .header(header::ETAG, etag(n))
+                .body(Body::empty())
+                .unwrap()
+        }
+        Method::POST if uri.query() == Some("delete") => {
+            // DeleteObjects: the keys of <Object><Key>…</Key></Object>.
+            let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let body = String::from_utf8_lossy(&body);
+            let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?><DeleteResult>");
+            for part in body.split("<Key>").skip(1) {
+                let key = part.split("</Key>").next().unwrap_or_default();
+                st.objects.lock().unwrap().remove(key);
+                xml.push_str(&format!("<Deleted><Key>{key}</Key></Deleted>"));
+            }
+            xml.push_str("</DeleteResult>");
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/xml")
+                .body(Body::from(xml))
+                .unwrap()
+        }
+        Method::DELETE => {
+            st.objects.lock().unwrap().remove(&key);
+            Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(Body::empty())
+                .unwrap()
+        }
+        Method::GET | Method::HEAD if !key.is_empty() => {
+            let Some((body, n)) = st.objects.lock().unwrap().get(&key).cloned() else {
+                return not_found();
+            };
+            let r = Response::builder()
+                .header(header::ETAG, etag(n))
+                .header(header::LAST_MODIFIED, "Thu, 03 Dec 2026 00:00:00 GMT")
+                .header(header::CONTENT_LENGTH, body.len());
+            if method == Method::HEAD {
+                r.body(Body::empty()).unwrap()
+            } else {
+                r.body(Body::from(body)).unwrap()
+            }
+        }
+        Method::GET => {
+            // ListObjectsV2, one page.
+            let query = uri.query().unwrap_or("");
+            let prefix = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("prefix="))
+                .map(percent_decode)
+                .unwrap_or_default();
+            let mut xml = String::from(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><IsTruncated>false</IsTruncated>",
+            );
+            for (k, (body, n)) in st.objects.lock().unwrap().iter() {
+                if k.starts_with(&prefix) {
+                    xml.push_str(&format!(
+                        "<Contents><Key>{k}</Key><LastModified>2026-12-03T00:00:00.000Z</LastModified><ETag>{}</ETag><Size>{}</Size></Contents>",
+                        etag(*n).replace('"', "&quot;"),
+                        body.len()
+                    ));
+                }
+            }
+            xml.push_str("</ListBucketResult>");
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/xml")
+                .body(Body::from(xml))
+                .unwrap()
+        }
+        _ => Response::builder()
+            .status(StatusCode::NOT_IMPLEMENTED)
+            .body(Body::empty())
+            .unwrap(),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}

@@ -113,7 +113,7 @@ impl LeaseState {
 }
 
 /// A name for this holder, unique across replicas and passes: host, pid, time, sequence.
-fn owner_id() -> String {
+pub(super) fn owner_id() -> String {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let host = std::env::var("HOSTNAME")
         .ok()

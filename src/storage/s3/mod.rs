@@ -15,6 +15,9 @@
 //!   a cleanup keeps crates for that much longer than `CRATERE_MAX_DAYS_UNUSED`. Each cleanup
 //!   deletes the records a newer one supersedes, and those of crates that are gone.
 //! - `P/.locks/cleanup`: the cleanup lease ([`Lease`]): one cleanup at a time in the fleet.
+//! - `P/.locks/probe/<replica>`: the scratch object of the conditional-write probe
+//!   ([`S3Crates::probe`]), deleted when it ends; the lease is only taken on a bucket that
+//!   passed it.
 //!
 //! Hits stream the object's body as it arrives; a bucket that fails is logged and the
 //! download goes to upstream instead (see [`crate::downloads`]).
@@ -39,8 +42,10 @@ use tokio_util::sync::CancellationToken;
 
 mod lease;
 mod local_cache;
+mod probe;
 
 pub use lease::{LEASE_TTL, Lease};
+pub use probe::Conditional;
 
 use super::{CrateInfo, FsStore, StoredCrate};
 use crate::clock::Clock;
@@ -64,6 +69,10 @@ pub const USAGE_DIR: &str = ".usage";
 /// Key (under the prefix) of the cleanup lease.
 pub const LOCK_KEY: &str = ".locks/cleanup";
 
+/// Directory (under the prefix) of the scratch objects of [`S3Crates::probe`], one per
+/// probing process.
+pub const PROBE_DIR: &str = ".locks/probe";
+
 /// How often a held lease is renewed.
 const LEASE_RENEW: Duration = Duration::from_secs(30);
 
@@ -81,6 +90,10 @@ pub struct S3Crates {
     uploads: Semaphore,
     /// `CRATERE_S3_LOCAL_CACHE_SIZE`: copies of crates on this replica's disk.
     local_cache: Option<Arc<LocalCache>>,
+    /// What the last probe of conditional writes found.
+    conditional: probe::ProbeState,
+    /// `CRATERE_CLEANUP_LEADER`.
+    leader: bool,
 }
 
 fn to_io(e: object_store::Error) -> io::Error {
@@ -146,6 +159,8 @@ impl S3Crates {
             .map(|max| LocalCache::open(local.clone(), max))
             .transpose()?;
         Ok(S3Crates {
+            conditional: probe::ProbeState::default(),
+            leader: config.cleanup_leader,
             local_cache,
             store: Arc::new(store),
             local,
@@ -494,6 +509,48 @@ impl S3Crates {
             Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// Probes whether the bucket honours conditional writes (see [`probe`]) and keeps the
+    /// answer; a bucket that does not answer keeps the last one.
+    pub async fn probe(&self) -> Conditional {
+        let key = Path::parse(format!(
+            "{}{PROBE_DIR}/{}",
+            self.prefix,
+            lease::owner_id().replace('/', "-")
+        ))
+        .expect("valid key");
+        match probe::probe(&self.store, &key).await {
+            Ok(c) => {
+                if let Conditional::Ignored(what) = &c {
+                    tracing::error!(
+                        bucket = %self.bucket,
+                        what = %what,
+                        leader = self.leader,
+                        "the bucket does not honour conditional writes: the fleet-wide cleanup \
+                         lease cannot be trusted and is never taken; crate cleanups run only \
+                         where CRATERE_CLEANUP_LEADER=true"
+                    );
+                }
+                self.conditional.set(c.clone());
+                c
+            }
+            Err(e) => {
+                tracing::warn!(bucket = %self.bucket, error = %e,
+                    "cannot probe the bucket's conditional writes");
+                self.conditional.get()
+            }
+        }
+    }
+
+    /// What the last probe found.
+    pub fn conditional(&self) -> Conditional {
+        self.conditional.get()
+    }
+
+    /// `CRATERE_CLEANUP_LEADER`.
+    pub fn is_cleanup_leader(&self) -> bool {
+        self.leader
     }
 
     /// Takes the fleet-wide cleanup lease; `None` while another replica holds it.
