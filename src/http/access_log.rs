@@ -121,14 +121,6 @@ where
 }
 
 fn logged(started: Started, resp: Response) -> Response {
-    let Started {
-        metrics,
-        start,
-        method,
-        version,
-        path,
-        route,
-    } = started;
     let status = resp.status().as_u16();
     let cache = resp
         .headers()
@@ -145,13 +137,8 @@ fn logged(started: Started, resp: Response) -> Response {
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let (parts, body) = resp.into_parts();
     let record = AccessRecord {
+        started,
         expected,
-        metrics,
-        start,
-        method,
-        version,
-        path,
-        route,
         status,
         cache,
         bytes: 0,
@@ -167,15 +154,9 @@ fn logged(started: Started, resp: Response) -> Response {
 }
 
 struct AccessRecord {
-    metrics: Arc<Metrics>,
+    started: Started,
     /// Content-Length, when the response has one.
     expected: Option<u64>,
-    start: Instant,
-    method: axum::http::Method,
-    version: &'static str,
-    /// Only when the access log is on.
-    path: Option<String>,
-    route: Option<MatchedPath>,
     status: u16,
     cache: &'static str,
     bytes: u64,
@@ -184,20 +165,21 @@ struct AccessRecord {
 
 impl AccessRecord {
     fn finish(self) {
+        let s = &self.started;
         let hit = self.cache == "hit";
-        let route = self.route.as_ref().map_or("unmatched", |m| m.as_str());
-        self.metrics.request(route, self.status, hit);
+        let route = s.route.as_ref().map_or("unmatched", |m| m.as_str());
+        s.metrics.request(route, self.status, hit);
         if hit || self.cache == "stale" || self.cache == "revalidated" {
-            self.metrics.served_from_cache(self.bytes);
+            s.metrics.served_from_cache(self.bytes);
         }
         tracing::info!(
             target: "cratere::access",
-            method = %self.method,
-            version = self.version,
-            path = self.path.as_deref().unwrap_or("-"),
+            method = %s.method,
+            version = s.version,
+            path = s.path.as_deref().unwrap_or("-"),
             status = self.status,
             bytes = self.bytes,
-            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = s.start.elapsed().as_secs_f64() * 1000.0,
             cache = self.cache,
             complete = self.complete,
             "request"

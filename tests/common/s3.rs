@@ -109,28 +109,12 @@ impl S3Server {
 
     /// The variables that put a `cratere` process on this bucket.
     pub fn envs(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("CRATERE_STORAGE", "s3".into()),
-            ("CRATERE_S3_BUCKET", self.bucket.clone()),
-            ("CRATERE_S3_ENDPOINT", self.endpoint.clone()),
-            ("CRATERE_S3_REGION", REGION.into()),
-            ("CRATERE_S3_PATH_STYLE", "true".into()),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
-        ]
+        bucket_envs(&self.bucket, &self.endpoint)
     }
 
     /// Puts an in-process configuration on this bucket.
     pub fn configure(&self, c: &mut Config) {
-        c.storage.kind = StorageKind::S3;
-        c.storage.s3_bucket = Some(self.bucket.clone());
-        c.storage.s3_endpoint = S3Endpoint(Some(self.endpoint.clone()));
-        c.storage.s3_region = REGION.into();
-        c.storage.s3_path_style = true;
-        c.storage.s3_credentials = Some(S3Credentials {
-            access_key_id: ACCESS_KEY.into(),
-            secret_access_key: SECRET_KEY.into(),
-        });
+        configure_bucket(c, &self.bucket, &self.endpoint);
     }
 
     /// A client of the bucket, to look at it from the outside.
@@ -318,28 +302,12 @@ impl IgnoringS3 {
 
     /// Puts an in-process configuration on this bucket.
     pub fn configure(&self, c: &mut Config) {
-        c.storage.kind = StorageKind::S3;
-        c.storage.s3_bucket = Some(self.bucket.clone());
-        c.storage.s3_endpoint = S3Endpoint(Some(self.endpoint.clone()));
-        c.storage.s3_region = REGION.into();
-        c.storage.s3_path_style = true;
-        c.storage.s3_credentials = Some(S3Credentials {
-            access_key_id: ACCESS_KEY.into(),
-            secret_access_key: SECRET_KEY.into(),
-        });
+        configure_bucket(c, &self.bucket, &self.endpoint);
     }
 
     /// The environment of a `cratere` process on this bucket.
     pub fn envs(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("CRATERE_STORAGE", "s3".into()),
-            ("CRATERE_S3_BUCKET", self.bucket.clone()),
-            ("CRATERE_S3_ENDPOINT", self.endpoint.clone()),
-            ("CRATERE_S3_REGION", REGION.into()),
-            ("CRATERE_S3_PATH_STYLE", "true".into()),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
-        ]
+        bucket_envs(&self.bucket, &self.endpoint)
     }
 
     /// Every key PUT so far, in order.
@@ -459,4 +427,30 @@ fn percent_decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
         .into_owned()
+}
+
+/// The environment of a `cratere` process on `bucket` at `endpoint` (the test credentials).
+fn bucket_envs(bucket: &str, endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("CRATERE_STORAGE", "s3".into()),
+        ("CRATERE_S3_BUCKET", bucket.into()),
+        ("CRATERE_S3_ENDPOINT", endpoint.into()),
+        ("CRATERE_S3_REGION", REGION.into()),
+        ("CRATERE_S3_PATH_STYLE", "true".into()),
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+    ]
+}
+
+/// Puts an in-process configuration on `bucket` at `endpoint`.
+fn configure_bucket(c: &mut Config, bucket: &str, endpoint: &str) {
+    c.storage.kind = StorageKind::S3;
+    c.storage.s3_bucket = Some(bucket.into());
+    c.storage.s3_endpoint = S3Endpoint(Some(endpoint.into()));
+    c.storage.s3_region = REGION.into();
+    c.storage.s3_path_style = true;
+    c.storage.s3_credentials = Some(S3Credentials {
+        access_key_id: ACCESS_KEY.into(),
+        secret_access_key: SECRET_KEY.into(),
+    });
 }
